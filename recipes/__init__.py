@@ -1,0 +1,1 @@
+"""The bundled recipes: runnable entry points, `python -m recipes.<name> key=value ...`."""

@@ -1,0 +1,122 @@
+"""One episode as training data: token sequences with exact masks and logprobs.
+
+An episode is usually one sequence. When a chat template rewrites history between turns (for
+example Qwen3 dropping earlier thinking), the episode is split into several sequences, each a
+faithful prefix-consistent context; ``Trajectory.sequences`` says so explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tool_use.types import Message, StopReason
+
+
+@dataclass
+class TokenSequence:
+    """One training sequence. All lists have the same length."""
+
+    tokens: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    """1 exactly on student-sampled tokens, 0 on prompt/env/forced tokens."""
+    sampling_logprobs: list[float] = field(default_factory=list)
+    """Logprob under the distribution that actually sampled the token (after temperature,
+    top-k/top-p and constraints); 0.0 where mask is 0."""
+    model_logprobs: list[float] = field(default_factory=list)
+    """The student model's own logprob (temperature 1, no filters); 0.0 where mask is 0."""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def append(
+        self,
+        tokens: list[int],
+        *,
+        sampled: bool,
+        sampling_logprobs: list[float] | None = None,
+        model_logprobs: list[float] | None = None,
+    ) -> None:
+        n = len(tokens)
+        self.tokens.extend(tokens)
+        self.mask.extend([1 if sampled else 0] * n)
+        self.sampling_logprobs.extend(sampling_logprobs if sampling_logprobs else [0.0] * n)
+        self.model_logprobs.extend(model_logprobs if model_logprobs else [0.0] * n)
+
+
+@dataclass
+class Turn:
+    """Where one assistant turn sits in the sequences."""
+
+    sequence: int
+    """Index into ``Trajectory.sequences``."""
+    observation_start: int
+    """First env token of this turn (prompt or tool results + assistant header)."""
+    sample_start: int
+    """First token the student produced (forced prefix tokens included, with mask 0)."""
+    sample_end: int
+    """One past the last sampled token."""
+    message: Message | None = None
+    env_messages: list[Message] = field(default_factory=list)
+
+
+@dataclass
+class Trajectory:
+    """A finished episode."""
+
+    sequences: list[TokenSequence] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    """The full student-side message history."""
+    teacher_messages: list[Message] | None = None
+    """Privileged initial messages for the teacher; None means the teacher sees ``messages``."""
+    reward: float = 0.0
+    stop_reason: StopReason | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    failure: str | None = None
+    """Why the episode is invalid; invalid episodes are counted, never trained on."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Task name, group id, teacher route key, ..."""
+
+    @property
+    def valid(self) -> bool:
+        return self.failure is None
+
+    @property
+    def num_sampled_tokens(self) -> int:
+        return sum(sum(seq.mask) for seq in self.sequences)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["messages"] = [m.model_dump(exclude_defaults=True) for m in self.messages]
+        if self.teacher_messages is not None:
+            data["teacher_messages"] = [
+                m.model_dump(exclude_defaults=True) for m in self.teacher_messages
+            ]
+        for turn, raw in zip(self.turns, data["turns"], strict=True):
+            raw["message"] = turn.message.model_dump(exclude_defaults=True) if turn.message else None
+            raw["env_messages"] = [m.model_dump(exclude_defaults=True) for m in turn.env_messages]
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, line: str) -> Trajectory:
+        data = json.loads(line)
+        turns = [
+            Turn(
+                **{k: v for k, v in t.items() if k not in ("message", "env_messages")},
+                message=Message(**t["message"]) if t.get("message") else None,
+                env_messages=[Message(**m) for m in t.get("env_messages", [])],
+            )
+            for t in data.pop("turns")
+        ]
+        teacher = data.pop("teacher_messages")
+        stop = data.pop("stop_reason")
+        return cls(
+            sequences=[TokenSequence(**s) for s in data.pop("sequences")],
+            turns=turns,
+            messages=[Message(**m) for m in data.pop("messages")],
+            teacher_messages=[Message(**m) for m in teacher] if teacher is not None else None,
+            stop_reason=StopReason(stop) if stop else None,
+            **data,
+        )
