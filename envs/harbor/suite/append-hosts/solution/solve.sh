@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+echo '10.0.0.9 db.internal' >> /app/hosts

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+wc -c < /app/message.txt > /app/size.txt

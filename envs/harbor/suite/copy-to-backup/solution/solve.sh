@@ -1,0 +1,4 @@
+#!/bin/bash
+set -e
+mkdir -p /app/backup
+cp /app/config.ini /app/backup/config.ini

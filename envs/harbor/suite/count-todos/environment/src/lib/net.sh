@@ -1,0 +1,3 @@
+fetch() {
+  echo fetch
+}

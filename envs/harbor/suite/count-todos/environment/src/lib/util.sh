@@ -1,0 +1,4 @@
+helper() {
+  # TODO: handle errors
+  true
+}

@@ -1,0 +1,4 @@
+#!/bin/bash
+# TODO: parse flags
+echo main
+# TODO: add logging

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+wc -w < /app/essay.txt > /app/words.txt

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+tar -czf /app/docs.tar.gz -C /app docs

@@ -1,0 +1,4 @@
+#!/bin/bash
+set -e
+mkdir -p /app/extracted
+tar -xzf /app/archive.tar.gz -C /app/extracted

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+grep '"version"' /app/package.json | cut -d'"' -f4 > /app/version.txt

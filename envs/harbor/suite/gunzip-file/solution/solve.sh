@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+gunzip /app/data.csv.gz

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+head -n 5 /app/data.txt > /app/head.txt

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+wc -L < /app/lines.txt > /app/longest.txt

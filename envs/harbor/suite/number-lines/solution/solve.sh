@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+awk '{print NR ":" $0}' /app/items.txt > /app/numbered.txt

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+cut -d: -f1 /app/accounts.txt > /app/users.txt

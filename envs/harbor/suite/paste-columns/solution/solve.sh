@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+paste -d, /app/names.txt /app/ages.txt > /app/people.csv

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+tac /app/stack.txt > /app/reversed.txt

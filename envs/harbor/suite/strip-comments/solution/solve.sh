@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+grep -v '^#' /app/config.txt | grep -v '^$' > /app/active.txt

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+tr '\t' ',' < /app/data.tsv > /app/data.csv

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+tr 'a-z' 'A-Z' < /app/lower.txt > /app/upper.txt

@@ -1,0 +1,3 @@
+#!/bin/bash
+set -e
+sort -u /app/emails.txt > /app/unique.txt
