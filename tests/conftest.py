@@ -1,2 +1,62 @@
 """Session-wide fixtures for the expensive real things. Package-specific fixtures live in
-tests/<package>/conftest.py."""
+tests/<package>/conftest.py.
+
+- ``embedded_model_dir`` / ``smollm2`` / ``smollm2_tokenizer``: the real embedded
+  SmolLM2-135M-Instruct (converted once into the user cache, then reused; loaded once per
+  session in fp32 so numerical comparisons are tight).
+- ``tiny_model``: a randomly initialised 2-layer Llama sharing SmolLM2's tokenizer, for fast
+  unit tests of samplers and teachers (a few MB, builds in well under a second).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from training import models
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir():
+    return models.embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(embedded_model_dir):
+    return models.load_tokenizer(embedded_model_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2(embedded_model_dir):
+    """The embedded model in fp32 on CPU, frozen. Treat as read-only."""
+    model, _ = models.load_frozen(embedded_model_dir, dtype=torch.float32, device="cpu")
+    return model
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama with a large init scale so its next-token distributions are peaked
+    (greedy decoding is then robust to batch-shape rounding differences)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm2_tokenizer):
+    return make_tiny_llama(len(smollm2_tokenizer))

@@ -36,7 +36,10 @@ class SamplingParams:
     """0 disables top-k filtering."""
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     tool_choice: ToolChoice = "auto"
+    """``auto``: sample freely; ``required``: emit ``forced_prefix`` first, then sample freely;
+    ``none``: never complete ``forced_prefix`` (its last token is banned where the rest matches)."""
     forced_prefix: tuple[int, ...] = ()
+    """The renderer's tool-call envelope opening (token ids); used by ``required`` and ``none``."""
 
 
 @dataclass
@@ -85,7 +88,11 @@ class ScoreRequest:
 
     tokens: list[int]
     positions: list[bool] = field(default_factory=list)
+    """Empty means every position from 1 on. Unrequested positions hold no meaningful value
+    (a local teacher skips them: 0.0)."""
     top_k: int = 0
+    full_logits: bool = False
+    """Also return [T, V] logits (local teachers only; T x V x 4 bytes)."""
 
 
 @runtime_checkable

