@@ -3,15 +3,20 @@
 An episode is usually one sequence. When a chat template rewrites history between turns (for
 example Qwen3 dropping earlier thinking), the episode is split into several sequences, each a
 faithful prefix-consistent context; ``Trajectory.sequences`` says so explicitly.
+
+Trajectories are written one JSON object per line (``write_jsonl`` / ``read_jsonl``); the
+rollout viewer reads the same files.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tool_use.types import Message, StopReason
+from tool_use.types import Message, StopReason, ToolSpec
 
 
 @dataclass
@@ -39,10 +44,18 @@ class TokenSequence:
         model_logprobs: list[float] | None = None,
     ) -> None:
         n = len(tokens)
+        for name, values in (
+            ("sampling_logprobs", sampling_logprobs),
+            ("model_logprobs", model_logprobs),
+        ):
+            if values is not None and len(values) != n:
+                raise ValueError(f"TokenSequence.append: {n} tokens but {len(values)} {name}")
         self.tokens.extend(tokens)
         self.mask.extend([1 if sampled else 0] * n)
-        self.sampling_logprobs.extend(sampling_logprobs if sampling_logprobs else [0.0] * n)
-        self.model_logprobs.extend(model_logprobs if model_logprobs else [0.0] * n)
+        self.sampling_logprobs.extend(
+            sampling_logprobs if sampling_logprobs is not None else [0.0] * n
+        )
+        self.model_logprobs.extend(model_logprobs if model_logprobs is not None else [0.0] * n)
 
 
 @dataclass
@@ -58,7 +71,12 @@ class Turn:
     sample_end: int
     """One past the last sampled token."""
     message: Message | None = None
+    """The parsed assistant message (None when the env failed before the turn was parsed)."""
     env_messages: list[Message] = field(default_factory=list)
+    """What the env answered (tool results, corrections)."""
+    context_messages: int = 0
+    """How many of ``Trajectory.messages`` the observation of this turn had rendered: the history
+    the turn was sampled from is ``messages[:context_messages]``."""
 
 
 @dataclass
@@ -69,6 +87,8 @@ class Trajectory:
     turns: list[Turn] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     """The full student-side message history."""
+    tools: list[ToolSpec] = field(default_factory=list)
+    """The tool specs the prompt showed (a teacher renders them in its own format)."""
     teacher_messages: list[Message] | None = None
     """Privileged initial messages for the teacher; None means the teacher sees ``messages``."""
     reward: float = 0.0
@@ -89,15 +109,13 @@ class Trajectory:
 
     def to_json(self) -> str:
         data = asdict(self)
-        data["messages"] = [m.model_dump(exclude_defaults=True) for m in self.messages]
+        data["messages"] = [_dump(m) for m in self.messages]
         if self.teacher_messages is not None:
-            data["teacher_messages"] = [
-                m.model_dump(exclude_defaults=True) for m in self.teacher_messages
-            ]
+            data["teacher_messages"] = [_dump(m) for m in self.teacher_messages]
         for turn, raw in zip(self.turns, data["turns"], strict=True):
-            raw["message"] = turn.message.model_dump(exclude_defaults=True) if turn.message else None
-            raw["env_messages"] = [m.model_dump(exclude_defaults=True) for m in turn.env_messages]
-        return json.dumps(data)
+            raw["message"] = _dump(turn.message) if turn.message else None
+            raw["env_messages"] = [_dump(m) for m in turn.env_messages]
+        return json.dumps(data, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, line: str) -> Trajectory:
@@ -110,8 +128,8 @@ class Trajectory:
             )
             for t in data.pop("turns")
         ]
-        teacher = data.pop("teacher_messages")
-        stop = data.pop("stop_reason")
+        teacher = data.pop("teacher_messages", None)
+        stop = data.pop("stop_reason", None)
         return cls(
             sequences=[TokenSequence(**s) for s in data.pop("sequences")],
             turns=turns,
@@ -120,3 +138,28 @@ class Trajectory:
             stop_reason=StopReason(stop) if stop else None,
             **data,
         )
+
+
+def _dump(message: Message) -> dict[str, Any]:
+    return message.model_dump(exclude_defaults=True)
+
+
+def write_jsonl(
+    path: str | Path, trajectories: Iterable[Trajectory], *, append: bool = False
+) -> None:
+    """One trajectory per line."""
+    with Path(path).open("a" if append else "w", encoding="utf-8") as out:
+        for trajectory in trajectories:
+            out.write(trajectory.to_json() + "\n")
+
+
+def read_jsonl(path: str | Path) -> Iterator[Trajectory]:
+    """The trajectories of a file written by ``write_jsonl``; a bad line names its number."""
+    with Path(path).open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield Trajectory.from_json(line)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"{path}:{number}: not a trajectory record ({exc})") from exc
