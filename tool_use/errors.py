@@ -10,6 +10,8 @@ Two different things can go wrong around a tool:
 
 from __future__ import annotations
 
+from tool_use.types import ToolErrorKind
+
 
 class ToolUseError(Exception):
     """Base class of this package's errors."""
@@ -18,6 +20,17 @@ class ToolUseError(Exception):
 class ToolDefinitionError(ToolUseError, TypeError):
     """A ``@tool`` function's signature cannot be turned into a schema. Raised at decoration
     time, naming the function and the parameter."""
+
+
+class ToolCallError(ToolUseError):
+    """A call the model made badly. Raised inside a tool (hand-written ones too), it becomes an
+    error tool message ``Error calling tool "<name>": <detail>`` with metric
+    ``tool_error/<kind>``; the model sees ``detail``, so make it short and concrete."""
+
+    def __init__(self, kind: ToolErrorKind, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
 
 
 class EnvironmentFailure(ToolUseError):
