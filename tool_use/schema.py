@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from pydantic_core import PydanticUndefined
 
 from tool_use.errors import ToolCallError, ToolDefinitionError
 from tool_use.types import ToolErrorKind, ToolSpec
+
+_SHOULD = re.compile(r"^\w+ should ")
 
 MAX_REPORTED_ERRORS = 3
 """A bad call with many problems reports the first few; a small model fixes them in order."""
@@ -83,8 +86,9 @@ class FunctionSchema:
             if sentence not in sentences:
                 sentences.append(sentence)
         shown = sentences[:MAX_REPORTED_ERRORS]
-        if len(sentences) > len(shown):
-            shown.append(f"and {len(sentences) - len(shown)} more problems")
+        hidden = len(sentences) - len(shown)
+        if hidden:
+            shown.append(f"and {hidden} more problem{'s' * (hidden > 1)}")
         return "; ".join(shown)
 
     def _describe_error(self, error: Any) -> str:
@@ -100,13 +104,10 @@ class FunctionSchema:
         where = f'argument "{_format_loc(loc)}"' if loc else "arguments"
         if kind == "missing":
             return f"{where} is required ({describe_type(schema)})"
-        message = str(error["msg"])
-        for prefix in ("Input should ", "Value should "):
-            if message.startswith(prefix):
-                message = "must " + message.removeprefix(prefix)
-                break
-        else:
-            message = message[:1].lower() + message[1:]
+        # pydantic says "Input should be ...", "List should have ...": make it "must ..."
+        message, rewritten = _SHOULD.subn("must ", str(error["msg"]), count=1)
+        if not rewritten:
+            message = "is invalid: " + message[:1].lower() + message[1:]
         return f"{where} {message}, got {_preview(error.get('input'))}"
 
 
@@ -138,8 +139,12 @@ def function_schema(
     try:
         hints = typing.get_type_hints(annotated, include_extras=True)
     except Exception as exc:  # NameError for unresolvable forward references, and friends
+        hint = ""
+        if isinstance(exc, NameError):
+            hint = "; types named in string annotations must be module-level names"
         raise ToolDefinitionError(
-            f"tool function {label}: cannot resolve its type hints ({type(exc).__name__}: {exc})"
+            f"tool function {label}: cannot resolve its type hints "
+            f"({type(exc).__name__}: {exc}){hint}"
         ) from None
 
     doc = docstring_parser.parse(inspect.getdoc(fn) or "")
@@ -253,31 +258,29 @@ def clean_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
     defs = schema.get("$defs", {})
     recursive = {name for name in defs if _reaches(defs, name, name, set())}
 
-    def clean(node: Any, inlining: tuple[str, ...]) -> Any:
+    def clean(node: Any) -> Any:
         if not isinstance(node, dict):
             return node
         node = dict(node)
-        ref = node.get("$ref", "")
-        if ref.startswith("#/$defs/"):
-            target = ref.removeprefix("#/$defs/")
-            if target not in recursive and target not in inlining:
-                del node["$ref"]
-                return clean({**defs[target], **node}, (*inlining, target))
+        target = node.get("$ref", "").removeprefix("#/$defs/")
+        if target in defs and target not in recursive:
+            del node["$ref"]
+            return clean({**defs[target], **node})  # the field's own keys win (description)
         node.pop("title", None)
         for key in _SCHEMA_MAPS:
             if isinstance(node.get(key), dict):
-                node[key] = {k: clean(v, inlining) for k, v in node[key].items()}
+                node[key] = {k: clean(v) for k, v in node[key].items()}
         for key in _SCHEMA_LISTS:
             if isinstance(node.get(key), list):
-                node[key] = [clean(v, inlining) for v in node[key]]
+                node[key] = [clean(v) for v in node[key]]
         for key in _SCHEMA_VALUES:
             if isinstance(node.get(key), dict):
-                node[key] = clean(node[key], inlining)
+                node[key] = clean(node[key])
         return _type_first(_collapse_nullable(node))
 
-    cleaned = clean({k: v for k, v in schema.items() if k != "$defs"}, ())
+    cleaned = clean({k: v for k, v in schema.items() if k != "$defs"})
     if recursive:
-        cleaned["$defs"] = {name: clean(defs[name], ()) for name in sorted(recursive)}
+        cleaned["$defs"] = {name: clean(defs[name]) for name in sorted(recursive)}
     return cleaned
 
 
@@ -311,6 +314,8 @@ def _refs(node: Any) -> Iterator[str]:
 
 
 def _collapse_nullable(node: dict[str, Any]) -> dict[str, Any]:
+    """``anyOf: [{type: T, ...}, {type: null}]`` -> ``type: [T, "null"], ...`` where that
+    means the same (no enum or const on T, no clashing keys)."""
     options = node.get("anyOf")
     if not isinstance(options, list) or len(options) != 2 or {"type": "null"} not in options:
         return node
@@ -318,8 +323,7 @@ def _collapse_nullable(node: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(other.get("type"), str) or "enum" in other or "const" in other:
         return node
     merged = {k: v for k, v in node.items() if k != "anyOf"}
-    conflicts = set(merged) & set(other)
-    if conflicts:
+    if set(merged) & set(other):
         return node
     return {**other, **merged, "type": [other["type"], "null"]}
 

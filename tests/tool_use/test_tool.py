@@ -3,6 +3,7 @@ stateful method tools, and sync tools kept off the event loop."""
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from enum import Enum
@@ -10,7 +11,7 @@ from typing import Annotated, Literal
 
 import anyio
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from tool_use import Message, ToolCall, ToolErrorKind, ToolResult, tool
 
@@ -101,7 +102,7 @@ async def test_several_problems_are_reported_together_but_capped() -> None:
     assert result.messages[0].content == (
         'Error calling tool "f": argument "a" must be a valid integer, unable to parse string '
         'as an integer, got "x"; argument "b" is required (integer); argument "c" is required '
-        "(integer); and 1 more problems."
+        "(integer); and 1 more problem."
     )
 
 
@@ -123,6 +124,43 @@ async def test_constraint_errors_say_the_constraint() -> None:
     result = await head.run(call("head", '{"lines": -2}'))
     assert result.messages[0].content == (
         'Error calling tool "head": argument "lines" must be greater than 0, got -2.'
+    )
+
+
+class Span(BaseModel):
+    start: int
+    end: int
+
+    @model_validator(mode="after")
+    def ordered(self) -> Span:
+        if self.end < self.start:
+            raise ValueError("end must not be before start")
+        return self
+
+
+async def test_size_constraints_and_custom_validators_read_well() -> None:
+    @tool
+    def cut(
+        span: Span,
+        names: Annotated[list[str], Field(max_length=2)] = [],  # noqa: B006
+        label: Annotated[str, Field(max_length=3)] = "",
+    ) -> None: ...
+
+    arguments = '{"span": {"start": 5, "end": 1}, "names": ["a", "b", "c"], "label": "long"}'
+    result = await cut.run(call("cut", arguments))
+    assert result.messages[0].content == (
+        'Error calling tool "cut": argument "span" is invalid: value error, end must not be '
+        'before start, got {"start": 5, "end": 1}; argument "names" must have at most 2 items '
+        'after validation, not 3, got ["a", "b", "c"]; argument "label" must have at most 3 '
+        'characters, got "long".'
+    )
+
+
+async def test_long_inputs_are_previewed_not_echoed() -> None:
+    result = await bash.run(call("bash", json.dumps({"command": ["x" * 1000]})))
+    preview = json.dumps(["x" * 1000])[:57] + "..."
+    assert result.messages[0].content == (
+        f'Error calling tool "bash": argument "command" must be a valid string, got {preview}'
     )
 
 
