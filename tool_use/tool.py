@@ -17,7 +17,7 @@ import inspect
 import json
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import anyio.to_thread
 from pydantic import BaseModel
@@ -45,7 +45,9 @@ class FunctionTool:
         strict: bool = False,
         max_output_chars: int | None = None,
     ) -> None:
-        self._binding = "none"
+        self._binding: Literal["none", "instance", "owner"] = "none"
+        """What the first parameter is bound to: nothing, the instance (``self``), or the
+        class (a classmethod's ``cls``)."""
         if isinstance(fn, staticmethod):
             fn = fn.__func__
         elif isinstance(fn, classmethod):
