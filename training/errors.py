@@ -38,3 +38,7 @@ class SamplerServerError(InferenceServerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, kind="sampler")
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint cannot be written, found or restored (names the folder and the mismatch)."""
