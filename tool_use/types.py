@@ -136,7 +136,8 @@ class StopReason(StrEnum):
     CONTEXT_OVERFLOW = "context_overflow"
     """The episode would exceed ``max_trajectory_tokens``."""
     ENV_FAILURE = "env_failure"
-    """Infrastructure broke (dead sandbox, grading error): the episode is invalid, not trained on."""
+    """Infrastructure broke (dead sandbox, grading error): the episode is invalid, not trained
+    on."""
 
 
 @dataclass
@@ -204,7 +205,8 @@ class Observation:
     """Per-turn sampling budget, already clipped to what the trajectory budget leaves."""
     tool_choice: ToolChoice = "auto"
     forced_prefix: list[int] = field(default_factory=list)
-    """Tokens the constrained decoder emits before sampling freely (``tool_choice=required``)."""
+    """The renderer's tool-call envelope opening: forced before sampling freely with
+    ``tool_choice="required"``, never completed with ``"none"``; empty with ``"auto"``."""
 
 
 @dataclass

@@ -106,7 +106,7 @@ class Closing(AgentToolMessageEnv):
 
 
 def agent(tools=(ls, cat), **kwargs) -> Closing:
-    return Closing(initial_messages=PROMPT, tools=list(tools), max_turns=5, **kwargs)
+    return Closing(initial_messages=PROMPT, tools=list(tools), **{"max_turns": 5, **kwargs})
 
 
 @pytest.fixture
@@ -332,3 +332,40 @@ async def test_bad_arguments_are_named(smol):
         MessageTokenEnv(agent(), smol, max_tokens=0)
     with pytest.raises(ValueError, match="tool_choice must be"):
         MessageTokenEnv(agent(), smol, tool_choice="always")
+
+
+@pytest.mark.slow
+async def test_real_smollm2_episode_with_required_tool_calls(smollm2, smollm2_tokenizer):
+    """The embedded model through the real HF sampler: forced envelope, free arguments, and
+    masks/logprobs that land exactly on what the model sampled."""
+    from training.samplers.hf import HFSampler
+    from training.types import SamplingParams
+
+    renderer = get_renderer(None, smollm2_tokenizer)
+    sampler = HFSampler(smollm2, smollm2_tokenizer, seed=0)
+    samples = []
+
+    async def sample(context: list[int], observation: Observation):
+        params = SamplingParams(
+            max_tokens=observation.max_tokens,
+            temperature=1.0,
+            stop_sequences=tuple(tuple(s) for s in observation.stop_sequences),
+            tool_choice=observation.tool_choice,
+            forced_prefix=tuple(observation.forced_prefix),
+        )
+        samples.append(await sampler.sample(context, params))
+        return samples[-1]
+
+    message_env = agent(max_turns=2, parse_error_policy=ParseErrorPolicy.RETRY)
+    env = MessageTokenEnv(message_env, renderer, max_tokens=32, tool_choice="required")
+    trajectory = await run_episode(env, sample)
+
+    assert trajectory.valid and trajectory.stop_reason is not None
+    assert all(s.num_forced == len(renderer.tool_call_prefix) for s in samples)
+    assert all(s.tokens[: s.num_forced] == renderer.tool_call_prefix for s in samples)
+    assert_masks_exact(trajectory, samples)
+    assert trajectory.num_sampled_tokens == sum(len(s.tokens) - s.num_forced for s in samples)
+    for seq in trajectory.sequences:
+        assert all(lp < 0 for lp, m in zip(seq.model_logprobs, seq.mask, strict=True) if m)
+    for turn in trajectory.turns:
+        assert turn.message is not None and turn.message.role == "assistant"
