@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tool_use.renderers.base import Renderer, RendererError, to_hf
-from tool_use.renderers.hermes import HermesRenderer, Qwen3Renderer
+from tool_use.renderers.hermes import HermesRenderer, Qwen3Renderer, Qwen25Renderer
 from tool_use.renderers.llama3 import Llama3Renderer
 from tool_use.renderers.template import TemplateRenderer
 from tool_use.types import Message, ToolCall
@@ -23,6 +23,7 @@ __all__ = [
     "HermesRenderer",
     "Llama3Renderer",
     "Qwen3Renderer",
+    "Qwen25Renderer",
     "Renderer",
     "RendererError",
     "TemplateRenderer",
@@ -34,13 +35,13 @@ log = logging.getLogger(__name__)
 
 RENDERERS: dict[str, Callable[[Any], Renderer]] = {
     "chatml": HermesRenderer,
-    "qwen2.5": HermesRenderer,
+    "qwen2.5": Qwen25Renderer,
     "qwen3": Qwen3Renderer,
     "llama3": Llama3Renderer,
     "template": TemplateRenderer,
 }
-"""Renderer names accepted by ``get_renderer`` (``qwen2.5`` is the ChatML/Hermes layout, whose
-default system prompt is read from the tokenizer's template)."""
+"""Renderer names accepted by ``get_renderer`` (``chatml`` and ``qwen2.5`` share one layout;
+each reads its default system prompt from the tokenizer's template)."""
 
 
 def detect_family(chat_template: str | None) -> str:

@@ -157,6 +157,12 @@ class HermesRenderer(Renderer):
         return ParsedResponse(message=message, parse_error=reading.error)
 
 
+class Qwen25Renderer(HermesRenderer):
+    """Qwen2.5: the same layout; its default system prompt comes from its template."""
+
+    name = "qwen2.5"
+
+
 class Qwen3Renderer(HermesRenderer):
     """Qwen3: no default system prompt, ``<think>`` reasoning, and the template's rule that the
     reasoning of assistant turns before the latest user query is dropped (a history rewrite)."""
@@ -208,13 +214,16 @@ class Qwen3Renderer(HermesRenderer):
                 content = content.split("</think>")[-1].lstrip("\n")
         is_last = index == len(messages) - 1
         if index > self.last_query_index(messages) and (is_last or reasoning):
-            body = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+            thinking = reasoning.strip("\n")
+            body = f"<think>\n{thinking}\n</think>\n\n" + content.lstrip("\n")
         else:
             body = content
         calls = "\n".join(
             self.calls.render(c.name, self.arguments_text(c.arguments)) for c in message.tool_calls
         )
-        return f"{IM_START}assistant\n{body}{'\n' if content and calls else ''}{calls}{IM_END}\n"
+        # The template separates calls from the content it split off, before any lstrip.
+        separator = "\n" if content and calls else ""
+        return f"{IM_START}assistant\n{body}{separator}{calls}{IM_END}\n"
 
     def rewrites_history(
         self,
