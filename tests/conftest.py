@@ -4,8 +4,8 @@ tests/<package>/conftest.py.
 - ``embedded_model_dir`` / ``smollm2`` / ``smollm2_tokenizer``: the real embedded
   SmolLM2-135M-Instruct (converted once into the user cache, then reused; loaded once per
   session in fp32 so numerical comparisons are tight).
-- ``tiny_model``: a randomly initialised 2-layer Llama sharing SmolLM2's tokenizer, for fast
-  unit tests of samplers and teachers (a few MB, builds in well under a second).
+- ``tiny_model`` / ``make_tiny_model``: a randomly initialised 2-layer Llama sharing SmolLM2's
+  tokenizer, for fast unit tests of samplers and teachers (~13 MB, builds in milliseconds).
 """
 
 from __future__ import annotations
@@ -59,4 +59,11 @@ def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
 
 @pytest.fixture(scope="session")
 def tiny_model(smollm2_tokenizer):
+    """Shared across tests: treat as read-only (build your own with ``make_tiny_model``)."""
     return make_tiny_llama(len(smollm2_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(smollm2_tokenizer):
+    """A factory for fresh tiny models (``seed`` picks the random weights)."""
+    return lambda seed=0: make_tiny_llama(len(smollm2_tokenizer), seed=seed)

@@ -188,9 +188,10 @@ def load_model(
     """Load a causal LM. With ``lora`` the result is a peft model whose only trainable
     parameters are the adapter's; without it all parameters stay trainable."""
     device = torch.device(device) if device is not None else default_device()
+    dtype = _as_dtype(dtype, device)
     path = resolve(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_as_dtype(dtype, device))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_load_hint(name_or_path, "model", error)) from error
     model.to(device)

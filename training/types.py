@@ -48,7 +48,8 @@ class SampledTokens:
 
     tokens: list[int]
     sampling_logprobs: list[float]
-    """Logprob under the distribution that sampled each token (temperature, filters, constraints)."""
+    """Logprob under the distribution that sampled each token (temperature, filters,
+    constraints); 0.0 for forced tokens and greedy decoding."""
     model_logprobs: list[float]
     """The model's own logprob of each token (temperature 1, no filters)."""
     finish_reason: str = "stop"

@@ -16,7 +16,7 @@ extensions carry ``top_k``, ``stop_token_ids``, ``bad_words`` and ``skip_special
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -93,13 +93,35 @@ class CompletionsClient:
 
 
 def _describe(error: httpx.TransportError) -> str:
-    cause = error.__cause__ or error.__context__
-    text = str(error) or type(error).__name__
-    if isinstance(error, httpx.ConnectError) and "refused" in f"{text} {cause}".lower():
-        return "connection refused"
     if isinstance(error, httpx.TimeoutException):
         return f"timed out ({type(error).__name__})"
-    return text
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        cause = cause.__cause__ or cause.__context__
+    return str(error) or type(error).__name__
+
+
+async def gather[T](calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run ``calls`` concurrently; the first error cancels the rest and is raised as itself
+    (not wrapped in an exception group), so callers can catch the server error they know."""
+    results: list[Any] = [None] * len(calls)
+    failures: list[BaseException] = []
+
+    async def run(index: int, group: anyio.abc.TaskGroup) -> None:
+        try:
+            results[index] = await calls[index]()
+        except Exception as error:
+            failures.append(error)
+            group.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        for index in range(len(calls)):
+            group.start_soon(run, index, group)
+    if failures:
+        raise failures[0]
+    return results
 
 
 # ---- scoring -------------------------------------------------------------------------------
@@ -183,9 +205,7 @@ def parse_sampled(answer: dict[str, Any]) -> tuple[list[int], list[float], str]:
     return list(tokens), values, reason
 
 
-def truncate_at_stop(
-    tokens: list[int], stop_sequences: Sequence[Sequence[int]]
-) -> int | None:
+def truncate_at_stop(tokens: list[int], stop_sequences: Sequence[Sequence[int]]) -> int | None:
     """The length up to and including the first complete stop sequence, if any."""
     for end in range(1, len(tokens) + 1):
         for stop in stop_sequences:

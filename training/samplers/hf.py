@@ -203,7 +203,8 @@ class HFSampler:
         next_logits = logits["next"]
         lengths = torch.tensor([r.context_length for r in order], device=device)
         total = int(lengths.max()) if len(order) else 0
-        attention = (torch.arange(total, device=device)[None, :] >= (total - lengths)[:, None]).long()
+        columns = torch.arange(total, device=device)[None, :]
+        attention = (columns >= (total - lengths)[:, None]).long()  # left padding
         if len(keep) < len(order):
             cache, next_logits, attention, lengths = _select(
                 keep, cache, next_logits, attention, lengths, device

@@ -48,7 +48,9 @@ class LocalTeacher:
         """Blocking ``score``."""
         results: list[TeacherScores | None] = [None] * len(requests)
         for batch in _batches(requests, self.max_batch_tokens):
-            for index, scores in zip(batch, self._score_batch([requests[i] for i in batch])):
+            for index, scores in zip(
+                batch, self._score_batch([requests[i] for i in batch]), strict=True
+            ):
                 results[index] = scores
         return results  # type: ignore[return-value]
 

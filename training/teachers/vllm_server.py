@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
-import anyio
 import torch
 
 from training.errors import TeacherServerError
 from training.types import ScoreRequest, TeacherScores
-from training.vllm_http import CompletionsClient, parse_prompt_logprobs, scoring_payload
+from training.vllm_http import CompletionsClient, gather, parse_prompt_logprobs, scoring_payload
 
 
 class VLLMServerTeacher:
@@ -47,15 +47,7 @@ class VLLMServerTeacher:
         return self.client.base_url
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[TeacherScores]:
-        results: list[TeacherScores | None] = [None] * len(requests)
-
-        async def one(index: int, request: ScoreRequest) -> None:
-            results[index] = await self._score_one(request)
-
-        async with anyio.create_task_group() as group:
-            for index, request in enumerate(requests):
-                group.start_soon(one, index, request)
-        return results  # type: ignore[return-value]
+        return await gather([functools.partial(self._score_one, r) for r in requests])
 
     async def _score_one(self, request: ScoreRequest) -> TeacherScores:
         if request.full_logits:
