@@ -47,6 +47,9 @@ class SandboxSpec:
     memory_mb: int | None = None
     storage_mb: int | None = None
     pids_limit: int | None = 512
+    cpu_time_s: float | None = None
+    """CPU seconds per process (RLIMIT_CPU): stops a runaway computation even without a
+    timeout. None: no limit."""
     network: bool = False
     """Outbound network; False means loopback only."""
     env: dict[str, str] = field(default_factory=dict)
