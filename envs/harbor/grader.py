@@ -38,6 +38,7 @@ from harbor.utils.env import resolve_env_vars
 
 from envs.errors import GradingError
 from envs.harbor.tasks import HarborTask
+from sandboxes.shell import STATE_DIR
 from sandboxes.types import ExecResult, Sandbox, SandboxFactory
 from tool_use.errors import EnvironmentFailure
 
@@ -97,6 +98,7 @@ class HarborGrader:
         if self.task.verifier_mode == VerifierEnvironmentMode.SEPARATE:
             rewards, output = await self._grade_separately(sandbox)
         else:
+            await self._reset_session(sandbox)
             if self.stop_agent_processes:
                 await self._stop_agent_processes(sandbox)
             rewards, output = await self._verify(sandbox, upload_tests=True)
@@ -129,6 +131,7 @@ class HarborGrader:
         result = await _guard(
             sandbox.exec(
                 f"({script}) > {TEST_STDOUT} 2>&1",
+                cwd=sandbox.spec.workdir,
                 env=env,
                 timeout=task.verifier_timeout_s,
             ),
@@ -247,6 +250,22 @@ class HarborGrader:
                     await _run(target, f"mkdir -p {parent}", task)
                     await _guard(target.upload_file(local, remote), task, f"copying {remote}")
 
+    # ---- the agent's leftovers -------------------------------------------------------------
+
+    async def _reset_session(self, sandbox: Sandbox) -> None:
+        """Forget the shell state the agent's commands left (``cd``, ``export``): the sandbox
+        carries it from command to command, but Harbor runs the tests in the environment's
+        own working directory and variables. An agent's ``export PATH=/tmp/fake:$PATH`` or
+        ``LD_PRELOAD`` must not reach test.sh."""
+        script = _RESET_SESSION.format(
+            state=shlex.quote(STATE_DIR), workdir=shlex.quote(sandbox.spec.workdir)
+        )
+        result = await _run(sandbox, script, self.task)
+        if not result.ok:
+            raise GradingError(
+                self.task.name, f"could not reset the shell state: {_describe(result)}"
+            )
+
     # ---- stray processes ------------------------------------------------------------------
 
     async def _stop_agent_processes(self, sandbox: Sandbox) -> None:
@@ -265,10 +284,30 @@ class HarborGrader:
             )
 
 
+_RESET_SESSION = """\
+trap - EXIT
+if [ -d {state} ]; then
+  mapfile -d '' start < /proc/$BASHPID/environ
+  for kv in "${{start[@]}}"; do
+    key=${{kv%%=*}}
+    if [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ && $key != APPRENTICE_EXEC ]]; then
+      printf 'declare -x %s=%q\\n' "$key" "${{kv#*=}}"
+    fi
+  done > {state}/env
+  printf '%s' {workdir} > {state}/cwd
+fi
+exit 0
+"""
+"""Builtins only (the agent's PATH and LD_PRELOAD are still in force while it runs). Rewrites
+the saved environment as the one this shell was started with (``/proc/$BASHPID/environ`` is fixed at
+exec time: the launcher's environment, before the saved state was sourced) and never saves this
+shell's own state on exit."""
+
+
 _STOP_PROCESSES = """\
 [ "$(readlink /proc/self/ns/pid)" = {host_ns} ] && exit 0
-keep=" {keep} $$ "
-pid=$$
+keep=" {keep} $BASHPID "
+pid=$BASHPID
 while [ "$pid" -gt 1 ]; do
   ppid=""
   while read -r key value _; do

@@ -75,3 +75,9 @@ def make_task(tmp_path: Path) -> Callable[..., Path]:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests in tests/envs run on asyncio through anyio's pytest plugin."""
+    return "asyncio"

@@ -1,0 +1,1 @@
+"""Recipes for Harbor task directories (``python -m recipes.harbor.check``)."""
