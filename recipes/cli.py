@@ -146,9 +146,9 @@ def _nested_model(annotation: Any) -> type[BaseModel] | None:
 def _type_name(annotation: Any, metadata: tuple[Any, ...] = ()) -> str:
     annotation, more = _strip_annotated(annotation)
     metadata = (*metadata, *more)
-    if _is_importable(annotation, metadata):
-        return "module:attr"
     members = _union_members(annotation)
+    if _is_importable(annotation, metadata):
+        return "module:attr | null" if type(None) in members else "module:attr"
     if len(members) > 1:
         return " | ".join(_type_name(m) for m in members)
     if annotation is type(None):
@@ -311,7 +311,13 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def _resolve_imports(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> None:
+def _resolve_imports(
+    model: type[BaseModel],
+    data: dict[str, Any],
+    errors: list[str],
+    failed: set[str],
+    prefix: str = "",
+) -> None:
     """Import the ``module:attr`` strings of callable-typed fields (a config file's too)."""
     for name, field in model.model_fields.items():
         if name not in data:
@@ -322,10 +328,11 @@ def _resolve_imports(model: type[BaseModel], data: dict[str, Any], prefix: str =
             try:
                 data[name] = import_object(data[name])
             except ConfigError as error:
-                raise ConfigError(f"{prefix}{name}={data[name]!r}: {error}") from None
+                errors.append(f"{prefix}{name}={data[name]!r}: {error}")
+                failed.add(prefix + name)
         nested = _nested_model(field.annotation)
         if nested is not None and isinstance(data[name], dict):
-            _resolve_imports(nested, data[name], f"{prefix}{name}.")
+            _resolve_imports(nested, data[name], errors, failed, f"{prefix}{name}.")
 
 
 def _check_file_keys(
@@ -457,6 +464,7 @@ def parse_cli[M: BaseModel](config_cls: type[M], argv: Sequence[str] | None = No
             f"{config_cls.__name__} has a field named {CONFIG_KEY!r}: the key is reserved"
         )
     errors: list[str] = []
+    file_failed = False
     data: dict[str, Any] = {}
     raw: dict[str, str] = {}
     assignments: list[tuple[str, str]] = []
@@ -467,15 +475,15 @@ def parse_cli[M: BaseModel](config_cls: type[M], argv: Sequence[str] | None = No
         elif key == CONFIG_KEY:
             try:
                 loaded = load_config_file(value)
+                file_errors = _check_file_keys(loaded, keys, Path(value))
             except ConfigError as error:
-                errors.append(str(error))
-                continue
-            file_errors = _check_file_keys(loaded, keys, Path(value))
+                file_errors = [str(error)]
             errors.extend(file_errors)
-            if not file_errors:
-                data = loaded
+            file_failed = file_failed or bool(file_errors)
+            data = loaded if not file_errors else data
         else:
             assignments.append((key, value))
+    failed: set[str] = set()  # keys already reported: their validation errors would repeat
     for key, value in assignments:  # after the file, whatever the order: they override it
         if key not in keys:
             errors.append(_suggest(key, list(keys)))
@@ -485,20 +493,21 @@ def parse_cli[M: BaseModel](config_cls: type[M], argv: Sequence[str] | None = No
             raw[key] = value
         except ConfigError as error:
             errors.append(str(error))
-    if not errors:
-        _merge_defaults(config_cls, data)
-        try:
-            _resolve_imports(config_cls, data)
-        except ConfigError as error:
-            errors.append(str(error))
+            failed.add(key)
+    if file_failed:
+        raise ConfigError("\n".join(errors))
+    _merge_defaults(config_cls, data)
+    _resolve_imports(config_cls, data, errors, failed)
+    try:
+        config = config_cls.model_validate(data)
+    except ValidationError as error:
+        for detail in error.errors(include_url=False):
+            key = ".".join(str(part) for part in detail["loc"])
+            if not any(key == f or key.startswith(f + ".") for f in failed):
+                errors.append(_describe_error(detail, raw, keys))
     if errors:
         raise ConfigError("\n".join(errors))
-    try:
-        return config_cls.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(
-            "\n".join(_describe_error(e, raw, keys) for e in error.errors(include_url=False))
-        ) from None
+    return config
 
 
 def dump_config(config: BaseModel) -> dict[str, Any]:

@@ -190,11 +190,32 @@ def test_bad_values_name_key_value_and_expectation():
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as error:
-        parse_cli(Config, ["lora_rank", "lerning_rate=1", "tasks=x", "reward_fn=math:nope"])
+        parse_cli(
+            Config,
+            [
+                "lora_rank",
+                "lerning_rate=1",
+                'weights={"x":',
+                "reward_fn=math:nope",
+                "backend=cloud",
+                "resume=maybe",
+            ],
+        )
     lines = str(error.value).splitlines()
     assert lines[0] == "expected key=value, got 'lora_rank'"
     assert "did you mean 'learning_rate'" in lines[1]
-    assert "reward_fn='math:nope'" in lines[2]
+    assert lines[2].startswith("weights='{\"x\":': expected an object as JSON")
+    assert lines[3].startswith("reward_fn='math:nope': cannot import")
+    # then the validation errors, in field order
+    assert lines[4].startswith("resume='maybe': Input should be a valid boolean")
+    assert lines[5].startswith("backend='cloud': Input should be 'local' or 'docker'")
+    assert len(lines) == 6  # nothing reported twice
+    with pytest.raises(ConfigError) as error:
+        parse_cli(Required, ["taks=x"])
+    assert str(error.value).splitlines() == [
+        "unknown key 'taks'; did you mean 'tasks'?",
+        "missing required key 'tasks' (path): Harbor task folder.",
+    ]
 
 
 def test_required_keys_and_model_validators():
