@@ -26,7 +26,6 @@ so a symlink planted in the sandbox can never redirect a host-side write.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import io
 import json
@@ -40,7 +39,6 @@ import subprocess
 import tarfile
 import tempfile
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Self
@@ -48,7 +46,7 @@ from typing import Self
 import anyio
 from anyio.abc import Process
 
-from sandboxes import dockerfile
+from sandboxes import cleanup, dockerfile
 from sandboxes.cgroups import Cgroup, reap_stale
 from sandboxes.channel import SpawnerChannel
 from sandboxes.errors import (
@@ -95,8 +93,6 @@ BASE_ENV = {
     "TERM": "dumb",
 }
 OWNER_FILE = "owner.json"
-
-_live: weakref.WeakSet[LocalSandbox] = weakref.WeakSet()
 
 
 def default_root() -> Path:
@@ -195,7 +191,7 @@ class LocalSandbox:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.name)[:40] or "sandbox"
         home = root / f"{slug}-{os.getpid()}-{secrets.token_hex(4)}"
         sandbox = cls(spec, _Layout(home), uid)
-        _live.add(sandbox)
+        cleanup.register(sandbox, sandbox._kill_now)
         try:
             sandbox._prepare_dirs(steps)
             await sandbox._start()
@@ -523,7 +519,7 @@ class LocalSandbox:
         if self._closed:
             return
         self._closed = True
-        _live.discard(self)
+        cleanup.unregister(self)
         with anyio.CancelScope(shield=True):
             if self._channel is not None:
                 self._channel.close()
@@ -534,10 +530,19 @@ class LocalSandbox:
                 if self._process.stdin is not None:
                     with contextlib.suppress(Exception):
                         await self._process.stdin.aclose()
+                # os.kill, not Process.kill(): Popen.kill() polls and would reap the exit
+                # status behind asyncio's child watcher
                 with contextlib.suppress(ProcessLookupError):
-                    self._process.kill()
+                    os.kill(self._process.pid, signal.SIGKILL)
                 await self._process.wait()
             await anyio.to_thread.run_sync(self._remove)
+
+    def _kill_now(self) -> None:
+        """Synchronous close for process exit (see ``sandboxes.cleanup``)."""
+        if self._init_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._init_pid, signal.SIGKILL)
+        self._remove()
 
     def _remove(self) -> None:
         if self._cgroup is not None:
@@ -728,15 +733,3 @@ def _is_sandbox_init(pid: int) -> bool:
     except OSError:
         return False
     return b"__apx_ctl" in cmdline
-
-
-@atexit.register
-def _close_live_sandboxes() -> None:
-    """Interpreter exit: kill what is still running and delete its files. (A SIGKILLed
-    process cannot run this; its spawners exit when their stdin closes, and the next factory
-    start reaps the directories.)"""
-    for sandbox in list(_live):
-        if sandbox._init_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(sandbox._init_pid, signal.SIGKILL)
-        sandbox._remove()

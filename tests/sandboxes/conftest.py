@@ -46,16 +46,24 @@ def docker_factory(docker: None):
     return DockerFactory()
 
 
+@pytest.fixture
+def docker_api_factory(docker: None):
+    """Docker through exec_create/exec_start (what a remote daemon gets)."""
+    from sandboxes.docker import DockerFactory
+
+    return DockerFactory(exec_mode="api")
+
+
 @pytest.fixture(
     params=[
         pytest.param("local", marks=pytest.mark.bwrap),
         pytest.param("docker", marks=pytest.mark.docker),
+        pytest.param("docker_api", marks=pytest.mark.docker),
     ]
 )
 def factory(request: pytest.FixtureRequest):
     """Each backend in turn (tests using it run once per backend)."""
-    name = "local_factory" if request.param == "local" else "docker_factory"
-    return request.getfixturevalue(name)
+    return request.getfixturevalue(f"{request.param}_factory")
 
 
 @pytest.fixture
