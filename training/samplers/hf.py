@@ -111,6 +111,11 @@ class HFSampler:
         finally:
             self.active_episodes -= 1
 
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling random stream (the trainer reseeds per step, so a resumed run
+        draws what an uninterrupted one would have)."""
+        self._generator.manual_seed(seed)
+
     async def update_weights(self, model: torch.nn.Module) -> None:
         """Sample from ``model`` from now on (a no-op when it is the module already held)."""
         self.model = model

@@ -1,0 +1,112 @@
+"""Generation throughput of ``HFSampler`` against plain ``model.generate`` on the embedded
+SmolLM2, at batch 1 and 8, in fp32 and bf16.
+
+Each row of a batch has its own chat prompt (different lengths, so ``generate`` left-pads)
+and decodes exactly ``new_tokens`` tokens at temperature 1 (EOS ignored, so every run does
+the same work). ``HFSampler`` additionally returns two logprobs per token; ``generate``
+returns only tokens. Usage::
+
+    python -m bench.sampler [quick]
+
+Progress goes to stderr; the last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from training import models
+from training.samplers import HFSampler
+from training.types import SamplingParams
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a bash command that counts the lines of every Python file in /app.",
+    "Explain what a hash map is in two sentences.",
+    "List three prime numbers.",
+    "How do I make a directory with parents in Linux?",
+    "Summarise the plot of Hamlet briefly, please, for a student.",
+    "What does `grep -r` do?",
+    "Name a sorting algorithm and its complexity.",
+]
+
+
+def _prompts(tokenizer, batch: int) -> list[list[int]]:
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for i in range(batch)
+    ]
+
+
+def _ours(model, prompts, new_tokens: int) -> float:
+    sampler = HFSampler(model, eos_token_ids=(), seed=0)
+    params = SamplingParams(max_tokens=new_tokens, temperature=1.0)
+    start = time.perf_counter()
+    out = sampler.generate(prompts, [params] * len(prompts))
+    elapsed = time.perf_counter() - start
+    assert all(len(o.tokens) == new_tokens for o in out)
+    return len(prompts) * new_tokens / elapsed
+
+
+def _generate(model, tokenizer, prompts, new_tokens: int) -> float:
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=pad,
+        )
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == width + new_tokens
+    return len(prompts) * new_tokens / elapsed
+
+
+def main(quick: bool = False) -> dict:
+    tokenizer = models.load_tokenizer(models.EMBEDDED_MODEL)
+    new_tokens = 16 if quick else 64
+    repeats = 1 if quick else 3
+    dtypes = ["bf16"] if quick else ["fp32", "bf16"]
+    results: dict[str, dict[str, float]] = {}
+    for dtype in dtypes:
+        model, _ = models.load_frozen(models.EMBEDDED_MODEL, dtype=dtype, device="cpu")
+        for batch in (1, 8):
+            prompts = _prompts(tokenizer, batch)
+            _ours(model, prompts, 4)  # warm-up
+            ours = statistics.median(_ours(model, prompts, new_tokens) for _ in range(repeats))
+            plain = statistics.median(
+                _generate(model, tokenizer, prompts, new_tokens) for _ in range(repeats)
+            )
+            key = f"{dtype}_batch{batch}"
+            results[key] = {"hf_sampler_tok_s": round(ours, 1), "generate_tok_s": round(plain, 1)}
+            print(key, results[key], file=sys.stderr, flush=True)
+    return {
+        "bench": "sampler",
+        "model": models.EMBEDDED_MODEL,
+        "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(),
+        "results": results,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(quick="quick" in sys.argv[1:])))

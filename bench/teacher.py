@@ -1,0 +1,144 @@
+"""Teacher scoring throughput on the embedded SmolLM2: the chunked ``LocalTeacher`` against a
+naive full-logits pass (fp32 and bf16), and the vLLM CPU server through
+``VLLMServerTeacher``; plus the wire cost of the server's answers per scored token.
+
+Sequences are ``batch`` x ``length`` token windows of real chat text. ``naive`` materialises
+[B, T, V] logits and a full log-softmax, as a plain implementation would; ``chunked`` runs the
+decoder once and applies the LM head and log-softmax to ``chunk_size`` positions at a time.
+Wire bytes: vLLM's ``prompt_logprobs`` JSON (top-0 and top-5) against a plain JSON list of
+floats and raw float32. Usage::
+
+    python -m bench.teacher [quick] [server=http://127.0.0.1:8000]
+
+Without ``server=``, the full run starts its own CPU server (``scripts/vllm_cpu.py``; about
+2 minutes) and quick mode skips the server. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import torch
+
+from training import models
+from training.teachers import LocalTeacher, VLLMServerTeacher
+from training.types import ScoreRequest
+from training.vllm_http import scoring_payload
+
+SERVED_NAME = "smollm2-135m-instruct"
+
+
+def _sequences(tokenizer, batch: int, length: int) -> list[list[int]]:
+    text = " ".join(
+        f"Step {i}: the agent runs `ls -la /app/src/module_{i}` and reads {i * 7} lines of "
+        f"output, then writes a short note about what it found in file_{i}.py."
+        for i in range(400)
+    )
+    ids = tokenizer.encode(text)
+    return [ids[i * 37 : i * 37 + length] for i in range(batch)]
+
+
+def _naive(model, sequences: list[list[int]]) -> None:
+    with torch.no_grad():
+        ids = torch.tensor(sequences)
+        logprobs = torch.log_softmax(model(ids).logits.float(), dim=-1)
+        logprobs[:, :-1].gather(-1, ids[:, 1:, None])
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _local(sequences, quick: bool) -> dict[str, float]:
+    tokens = sum(len(s) for s in sequences)
+    out: dict[str, float] = {}
+    for dtype in ["bf16"] if quick else ["fp32", "bf16"]:
+        model, _ = models.load_frozen(models.EMBEDDED_MODEL, dtype=dtype, device="cpu")
+        teacher = LocalTeacher(model, chunk_size=1024)
+        requests = [ScoreRequest(s) for s in sequences]
+        teacher.score_sync(requests[:1])  # warm-up
+        repeats = 1 if quick else 3
+        out[f"local_chunked_{dtype}_tok_s"] = tokens / _timed(
+            lambda t=teacher, r=requests: t.score_sync(r), repeats
+        )
+        out[f"local_naive_{dtype}_tok_s"] = tokens / _timed(
+            lambda m=model: _naive(m, sequences), repeats
+        )
+        print(dtype, out, file=sys.stderr, flush=True)
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+async def _server(url: str, sequences, repeats: int) -> dict[str, float]:
+    tokens = sum(len(s) for s in sequences)
+    teacher = VLLMServerTeacher(url, SERVED_NAME, max_concurrency=len(sequences))
+    requests = [ScoreRequest(s) for s in sequences]
+    await teacher.score(requests[:1])  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        await teacher.score(requests)
+        times.append(time.perf_counter() - start)
+    await teacher.close()
+    wire = {}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        for k in (0, 5):
+            answer = await client.post(
+                "/v1/completions", json=scoring_payload(SERVED_NAME, sequences[0], k)
+            )
+            wire[f"vllm_json_top{k}_bytes_per_token"] = len(answer.content) / len(sequences[0])
+    floats = torch.randn(len(sequences[0])).tolist()
+    wire["plain_json_floats_bytes_per_token"] = len(json.dumps(floats)) / len(floats)
+    wire["float32_bytes_per_token"] = 4.0
+    return {"vllm_server_bf16_tok_s": round(tokens / statistics.median(times), 1)} | {
+        k: round(v, 1) for k, v in wire.items()
+    }
+
+
+def _start_server():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "vllm_cpu.py"
+    spec = importlib.util.spec_from_file_location("vllm_cpu", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process, url = script.start(
+        models.embedded_model_dir(), port, served_model_name=SERVED_NAME, max_model_len=2048
+    )
+    return script, process, url
+
+
+def main(quick: bool = False, server: str | None = None) -> dict:
+    tokenizer = models.load_tokenizer(models.EMBEDDED_MODEL)
+    batch, length = (2, 128) if quick else (8, 512)
+    sequences = _sequences(tokenizer, batch, length)
+    result: dict = {"bench": "teacher", "batch": batch, "length": length}
+    result |= _local(sequences, quick)
+    if server is None and not quick:
+        script, process, url = _start_server()
+        try:
+            result |= anyio.run(_server, url, sequences, 3)
+        finally:
+            script.stop(process)
+    elif server is not None:
+        result |= anyio.run(_server, server, sequences, 1 if quick else 3)
+    return result
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    server = next((a.removeprefix("server=") for a in args if a.startswith("server=")), None)
+    print(json.dumps(main(quick="quick" in args, server=server)))
