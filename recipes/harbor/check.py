@@ -16,26 +16,27 @@ import sys
 from pathlib import Path
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
 from envs.errors import EnvsError
 from envs.harbor.check import CheckAgent, CheckResult, check_tasks
 from envs.harbor.tasks import load_tasks
+from recipes.cli import RecipeConfig, run_cli
 from sandboxes.factory import make_factory
 
 
-class CheckConfig(BaseModel):
-    """Every knob of the check command."""
-
-    model_config = ConfigDict(extra="forbid")
+class CheckConfig(RecipeConfig):
+    """Run each task with the oracle or no-op agent and grade it. Task sources may also be
+    given as positional arguments: python -m recipes.harbor.check PATH... key=value..."""
 
     paths: list[str] = Field(min_length=1)
     """Task sources (positional arguments)."""
     backend: str = "local"
     """Sandbox backend: local (bubblewrap), docker, harbor:<type>, module:attr."""
     agent: CheckAgent = CheckAgent.ORACLE
+    """oracle runs solution/solve.sh (a healthy task scores 1); nop does nothing (scores 0)."""
     output: Path | None = None
     """Where to write the JSON results."""
     expect: float | None = None
@@ -43,13 +44,15 @@ class CheckConfig(BaseModel):
     concurrency: int = Field(4, ge=1)
     """Tasks checked at the same time."""
     stop_agent_processes: bool = True
+    """Kill what the agent left running before the tests run (see envs.harbor.grader)."""
 
 
-def parse_args(argv: list[str]) -> CheckConfig:
-    """``PATH ... key=value ...`` -> CheckConfig (a stand-in until recipes/cli.py lands)."""
-    paths = [arg for arg in argv if "=" not in arg]
-    options = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    return CheckConfig.model_validate({"paths": paths, **options})
+def with_paths(argv: list[str]) -> list[str]:
+    """Positional ``PATH`` arguments become the ``paths`` key (as JSON: paths may hold
+    commas); ``key=value`` and ``--help`` pass through to the shared recipe CLI."""
+    paths = [arg for arg in argv if "=" not in arg and not arg.startswith("-")]
+    rest = [arg for arg in argv if arg not in paths]
+    return [f"paths={json.dumps(paths)}", *rest] if paths else rest
 
 
 def exit_code(results: list[CheckResult], expect: float | None) -> int:
@@ -84,7 +87,11 @@ def print_table(results: list[CheckResult], config: CheckConfig, console: Consol
 
 
 def main(config: CheckConfig) -> int:
-    tasks = load_tasks(*config.paths)
+    try:
+        tasks = load_tasks(*config.paths)
+    except EnvsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     factory = make_factory(config.backend)
     results = anyio.run(
         lambda: check_tasks(
@@ -104,18 +111,5 @@ def main(config: CheckConfig) -> int:
     return exit_code(results, config.expect)
 
 
-def cli(argv: list[str]) -> int:
-    try:
-        config = parse_args(argv)
-    except ValidationError as exc:
-        print(f"recipes.harbor.check: bad arguments:\n{exc}\n\n{__doc__}", file=sys.stderr)
-        return 2
-    try:
-        return main(config)
-    except EnvsError as exc:
-        print(f"recipes.harbor.check: {exc}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    sys.exit(run_cli(main, CheckConfig, with_paths(sys.argv[1:])))
