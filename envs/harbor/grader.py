@@ -3,6 +3,9 @@
 What Harbor 0.24's verifier does, and what we do (``docs/harbor.md`` lists where we are
 stricter):
 
+0. The shell state the sandbox keeps between commands (``cd``, ``export``) is reset to the
+   sandbox's start state, so test.sh runs in the environment's own workdir and variables, as
+   in Harbor (whose ``exec`` keeps no state), never with an agent's ``PATH`` or ``LD_PRELOAD``.
 1. ``/logs/verifier`` and ``/tests`` are emptied (a symlink or file in their place is removed)
    and ``/logs/verifier`` is made world-writable. Harbor does this before every verifier pass
    in separate and multi-step mode; we do it in shared mode too, so a reward file the agent
@@ -82,9 +85,11 @@ class HarborGrader:
 
     async def record_baseline(self, sandbox: Sandbox) -> None:
         """Remember the processes a fresh sandbox runs (its init, services the image starts),
-        so ``stop_agent_processes`` spares them. Call right after the sandbox is created."""
+        so ``stop_agent_processes`` spares them. Call right after the sandbox is created:
+        without a baseline no process is stopped."""
         if self.stop_agent_processes:
-            result = await _run(sandbox, "ls /proc | grep -E '^[0-9]+$' || true", self.task)
+            listing = "for p in /proc/[0-9]*; do echo ${p#/proc/}; done"
+            result = await _run(sandbox, listing, self.task)
             self._baseline[id(sandbox)] = frozenset(int(p) for p in result.stdout.split())
 
     def forget(self, sandbox: Sandbox) -> None:
