@@ -193,19 +193,20 @@ class HFSampler:
         ]
 
     def _decode(self, rows: list[_Row]) -> None:
+        if not rows:
+            return
         device = _device_of(self.model)
         live = [r for r in rows if r.params.max_tokens > len(r.forced)]
         for row in rows:
             if row not in live:  # the budget ends inside the forced prefix
                 row.forced = row.forced[: max(row.params.max_tokens, 0)]
-        order, cache, logits = self._prefill(rows, device)
-        for row, forced_logprobs in logits["forced"].items():
+        order, cache, next_logits, forced_logprobs = self._prefill(rows, device)
+        for row in order:
             row.tokens.extend(row.forced)
             row.sampling_logprobs.extend([0.0] * len(row.forced))
-            row.model_logprobs.extend(forced_logprobs)
+            row.model_logprobs.extend(forced_logprobs[row])
         active = [r for r in order if r in live]
         keep = [i for i, r in enumerate(order) if r in live]
-        next_logits = logits["next"]
         lengths = torch.tensor([r.context_length for r in order], device=device)
         total = int(lengths.max()) if len(order) else 0
         columns = torch.arange(total, device=device)[None, :]
@@ -240,7 +241,9 @@ class HFSampler:
             lengths = lengths + 1
             next_logits = out.logits[:, -1, :].float()
 
-    def _prefill(self, rows: list[_Row], device: torch.device):
+    def _prefill(
+        self, rows: list[_Row], device: torch.device
+    ) -> tuple[list[_Row], DynamicCache, torch.Tensor, dict[_Row, list[float]]]:
         """Run the contexts (prompt + forced prefix) in groups of similar length; merge the
         groups' caches into one left-padded batch. Returns the row order of the merged batch,
         the cache, the next-token logits [B, V] and each row's forced-token model logprobs."""
@@ -281,7 +284,7 @@ class HFSampler:
             lengths.append(width)
             order.extend(group)
         cache = caches[0] if len(caches) == 1 else _merge_caches(caches, lengths)
-        return order, cache, {"next": torch.cat(next_logits), "forced": forced}
+        return order, cache, torch.cat(next_logits), forced
 
     def _sample_step(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Pick one token per row; record both logprobs. ``logits`` [B, V] float32."""
