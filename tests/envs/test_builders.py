@@ -23,7 +23,7 @@ from envs.harbor.builders import (
 from envs.harbor.tasks import load_task
 from sandboxes.errors import SandboxStartError
 from sandboxes.factory import make_factory
-from sandboxes.testing import require_bwrap
+from sandboxes.testing import require_bwrap, require_docker
 from sandboxes.types import Sandbox, SandboxSpec
 from tool_use.agent_env import AgentToolMessageEnv
 from tool_use.errors import EnvironmentFailure
@@ -278,3 +278,58 @@ def test_config_errors_are_clear():
         HarborEnvConfig(teacher_template="{instruction} {nope}")
     with pytest.raises(ValueError, match="group_size"):
         HarborEnvConfig(group_size=0)
+
+
+# ---- the same guarantees with docker containers ----------------------------------------------
+
+
+@dataclass
+class DockerCounting:
+    """The real docker factory with injectable create failures; leftovers are this run's
+    containers (found by the run label every container carries)."""
+
+    fail_on: set[int] = field(default_factory=set)
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.inner = make_factory("docker")
+
+    async def create(self, spec: SandboxSpec) -> Sandbox:
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise SandboxStartError(f"injected failure of create call {self.calls}")
+        return await self.inner.create(spec)
+
+    def leftovers(self) -> list[str]:
+        import docker
+
+        client = docker.from_env()
+        try:
+            label = f"apprentice.run={self.inner.run_id}"
+            return [c.name for c in client.containers.list(all=True, filters={"label": label})]
+        finally:
+            client.close()
+
+
+@pytest.mark.docker
+async def test_docker_containers_never_outlive_their_group(make_task):
+    require_docker()
+    factory = DockerCounting(fail_on={2})
+    task = make_task("docker-cleanup")
+    group = builder(task, factory, group_size=3, sandbox_retries=0)
+    with pytest.raises(EnvironmentFailure, match="injected failure"):
+        await group.make_envs()
+    assert factory.leftovers() == []
+
+    factory.fail_on = set()
+    envs = await group.make_envs()
+    assert len(factory.leftovers()) == 3
+    for env in envs:
+        await env.close()
+    assert factory.leftovers() == []
+
+    slow = make_task("docker-slow", dockerfile="FROM debian:bookworm-slim\nRUN sleep 3\n")
+    with anyio.move_on_after(1.5) as scope:
+        await builder(slow, factory, group_size=2).make_envs()
+    assert scope.cancelled_caught
+    assert factory.leftovers() == []
