@@ -289,7 +289,9 @@ class DockerCounting:
     containers (found by the run label every container carries)."""
 
     fail_on: set[int] = field(default_factory=set)
+    stall_on: set[int] = field(default_factory=set)
     calls: int = 0
+    created: int = 0
 
     def __post_init__(self) -> None:
         self.inner = make_factory("docker")
@@ -298,7 +300,11 @@ class DockerCounting:
         self.calls += 1
         if self.calls in self.fail_on:
             raise SandboxStartError(f"injected failure of create call {self.calls}")
-        return await self.inner.create(spec)
+        if self.calls in self.stall_on:
+            await anyio.sleep(60)  # a create that hangs until it is cancelled
+        sandbox = await self.inner.create(spec)
+        self.created += 1
+        return sandbox
 
     def leftovers(self) -> list[str]:
         import docker
@@ -328,8 +334,10 @@ async def test_docker_containers_never_outlive_their_group(make_task):
         await env.close()
     assert factory.leftovers() == []
 
-    slow = make_task("docker-slow", dockerfile="FROM debian:bookworm-slim\nRUN sleep 3\n")
-    with anyio.move_on_after(1.5) as scope:
-        await builder(slow, factory, group_size=2).make_envs()
-    assert scope.cancelled_caught
+    # Two containers are up when the third create hangs and the group is cancelled: the two
+    # must be removed by make_envs itself.
+    factory.calls, factory.created, factory.stall_on = 0, 0, {3}
+    with anyio.move_on_after(10) as scope:
+        await group.make_envs()
+    assert scope.cancelled_caught and factory.created == 2
     assert factory.leftovers() == []
