@@ -526,12 +526,14 @@ def run_cli[M: BaseModel](
     main: Callable[[M], Any], config_cls: type[M], argv: Sequence[str] | None = None
 ) -> Any:
     """Parse the command line into ``config_cls`` and call ``main(config)`` (awaited when it is
-    async). A bad command line prints ``error: ...`` to stderr and exits with status 2."""
+    async). A ``ConfigError`` — from the command line, or raised by ``main`` for a problem
+    only found while building (a missing docker daemon for ``backend=docker``) — prints
+    ``error: ...`` to stderr and exits with status 2, without a traceback."""
     try:
         config = parse_cli(config_cls, argv)
+        if inspect.iscoroutinefunction(main):
+            return anyio.run(main, config)
+        return main(config)
     except ConfigError as error:
         print(f"error: {error}\n(run with --help to list every key)", file=sys.stderr)
         raise SystemExit(2) from None
-    if inspect.iscoroutinefunction(main):
-        return anyio.run(main, config)
-    return main(config)

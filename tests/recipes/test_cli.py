@@ -343,6 +343,14 @@ def test_run_cli_calls_main_and_exits_2_on_errors(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: unknown key 'lerning_rate'; did you mean 'learning_rate'?")
 
+    def main_finds_a_problem(config: Config) -> None:
+        raise ConfigError(f"backend={config.backend}: no docker daemon answers")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main_finds_a_problem, Config, ["backend=docker"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: backend=docker: no docker daemon answers")
+
 
 def test_as_a_real_command(tmp_path):
     recipe = tmp_path / "toy_recipe.py"
