@@ -82,6 +82,7 @@ class SpawnerChannel:
         max_output_bytes: int,
         files: Mapping[str, bytes] | None = None,
         collect: str | None = None,
+        persist: bool = True,
     ) -> tuple[ExecResult, bytes | None]:
         """Run ``command``; returns its result and, with ``collect``, the bytes the command
         wrote to ``$CONTROL_DIR/$APPRENTICE_EXEC/<collect>``. ``files`` are placed in that
@@ -99,7 +100,9 @@ class SpawnerChannel:
         try:
             os.mkdir(directory, 0o755)
             dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            self._write(dirfd, "req", request_script(command, cwd, env, self.workdir).encode())
+            self._write(
+                dirfd, "req", request_script(command, cwd, env, self.workdir, persist).encode()
+            )
             for name, data in (files or {}).items():
                 self._write(dirfd, name, data)
             if collect:

@@ -411,7 +411,11 @@ class DockerSandbox:
         cwd: str | None = None,
         env: dict[str, str] | None = None,
         timeout: float | None = None,
+        *,
+        persist: bool = True,
     ) -> ExecResult:
+        """See ``Sandbox.exec``. ``persist=False`` runs the command without restoring or
+        saving the shell state (cwd/exports), like Harbor's stateless exec."""
         if self._closed or self.container_id is None:
             raise SandboxDeadError(f"sandbox {self.spec.name!r} is closed")
         timeout = timeout if timeout is not None else self.spec.default_timeout_s
@@ -422,17 +426,23 @@ class DockerSandbox:
                 env=env,
                 timeout=timeout,
                 max_output_bytes=self.spec.max_output_bytes,
+                persist=persist,
             )
             return result
-        return await self._exec_api(command, cwd, env, timeout)
+        return await self._exec_api(command, cwd, env, timeout, persist)
 
     async def _exec_api(
-        self, command: str, cwd: str | None, env: dict[str, str] | None, timeout: float | None
+        self,
+        command: str,
+        cwd: str | None,
+        env: dict[str, str] | None,
+        timeout: float | None,
+        persist: bool,
     ) -> ExecResult:
         import docker
 
         exec_id = secrets.token_hex(8)
-        argv = bash_argv(command, cwd, env, self.spec.workdir, self._start_env)
+        argv = bash_argv(command, cwd, env, self.spec.workdir, self._start_env, persist)
         stdout = CappedOutput(self.spec.max_output_bytes)
         stderr = CappedOutput(self.spec.max_output_bytes)
         started = time.monotonic()

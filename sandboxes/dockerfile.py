@@ -155,9 +155,10 @@ def parse(path: Path, context: Path, workdir: str = "/") -> list[Step]:
                 if value is not None:
                     variables[name] = build_args[name] = value
         elif ins.keyword == "ENV":
+            # values refer to variables as they were before this instruction, like docker
             values = {
-                k: _substitute(v or "", variables)
-                for k, v in _assignments(ins, args, refuse).items()
+                k: _substitute(v or "", variables).replace(_DOLLAR, "$")
+                for k, v in _assignments(ins, args.replace("\\$", _DOLLAR), refuse).items()
             }
             variables.update(values)
             steps.append(Env(ins.line, values))
@@ -266,6 +267,8 @@ def _unquote(text: str) -> str:
     return text
 
 
+_DOLLAR = "\x00dollar\x00"
+"""Stands for an escaped ``\\$`` while quotes are parsed."""
 _VARIABLE = re.compile(r"\\\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([-+])([^}]*))?\}|\$([A-Za-z_]\w*)")
 
 

@@ -315,11 +315,12 @@ class ApprenticeEnvironment(BaseEnvironment):
                 f"{self.type()} runs commands as root only; task {self.environment_name!r} "
                 f"asked for user {user!r} (use a Harbor docker environment for other users)"
             )
-        result = await self.sandbox.exec(
+        result = await self.sandbox.exec(  # type: ignore[call-arg]  (our backends' option)
             command,
             cwd=cwd or self.task_env_config.workdir or self.sandbox.spec.workdir,
             env=self._merge_env(env),
             timeout=timeout_sec,
+            persist=False,
         )
         if result.timed_out:
             raise RuntimeError(f"Command timed out after {timeout_sec} seconds")

@@ -285,7 +285,7 @@ class LocalSandbox:
         argv += ["--bind", str(layout.control), CONTROL_DIR]
         for inside, host in layout.private.items():
             argv += ["--bind", str(host), inside]
-        argv += ["--chdir", "/", "--info-fd", str(info_fd), "--"]
+        argv += ["--remount-ro", "/", "--chdir", "/", "--info-fd", str(info_fd), "--"]
         return argv + spawner_argv()
 
     async def _start(self) -> None:
@@ -477,7 +477,11 @@ class LocalSandbox:
         cwd: str | None = None,
         env: dict[str, str] | None = None,
         timeout: float | None = None,
+        *,
+        persist: bool = True,
     ) -> ExecResult:
+        """See ``Sandbox.exec``. ``persist=False`` runs the command without restoring or
+        saving the shell state (cwd/exports), like Harbor's stateless exec."""
         channel = self._require_channel()
         result, _ = await channel.run(
             command,
@@ -485,6 +489,7 @@ class LocalSandbox:
             env=env,
             timeout=timeout if timeout is not None else self.spec.default_timeout_s,
             max_output_bytes=self.spec.max_output_bytes,
+            persist=persist,
         )
         return result
 
@@ -527,14 +532,11 @@ class LocalSandbox:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self._init_pid, signal.SIGKILL)
             if self._process is not None:
-                if self._process.stdin is not None:
-                    with contextlib.suppress(Exception):
-                        await self._process.stdin.aclose()
                 # os.kill, not Process.kill(): Popen.kill() polls and would reap the exit
                 # status behind asyncio's child watcher
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self._process.pid, signal.SIGKILL)
-                await self._process.wait()
+                await self._process.aclose()  # closes stdin and the transport, waits
             await anyio.to_thread.run_sync(self._remove)
 
     def _kill_now(self) -> None:

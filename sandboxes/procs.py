@@ -30,12 +30,14 @@ def processes_in_namespace(namespace: str) -> Iterator[int]:
             yield int(entry.name)
 
 
-def _environ_has(pid: int, needle: bytes) -> bool:
+def _has_marker(pid: int, exec_id: bytes) -> bool:
+    prefix = f"{EXEC_MARKER}=".encode()
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            return needle in f.read().split(b"\0")
+            entries = f.read().split(b"\0")
     except OSError:
         return False
+    return any(e.startswith(prefix) and exec_id in e[len(prefix) :].split(b":") for e in entries)
 
 
 def _pgid(pid: int) -> int | None:
@@ -52,11 +54,10 @@ def _pgid(pid: int) -> int | None:
 def kill_command(namespace: str, exec_id: str, spare: int | None = None, rounds: int = 50) -> int:
     """SIGKILL every process of one command inside ``namespace``; never ``spare`` (the
     sandbox's pid 1). Returns how many processes were killed."""
-    needle = f"{EXEC_MARKER}={exec_id}".encode()
     killed: set[int] = set()
     for _ in range(rounds):
         pids = [p for p in processes_in_namespace(namespace) if p != spare]
-        marked = [p for p in pids if _environ_has(p, needle)]
+        marked = [p for p in pids if _has_marker(p, exec_id.encode())]
         groups = {g for g in map(_pgid, marked) if g is not None and g != spare}
         targets = [p for p in pids if p in marked or _pgid(p) in groups]
         targets = [p for p in targets if _alive(p)]

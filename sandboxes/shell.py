@@ -32,19 +32,23 @@ STATE_DIR = "/run/apprentice/state"
 CONTROL_DIR = "/run/apprentice/ctl"
 """Where the spawner finds per-command request files and FIFOs inside a sandbox."""
 EXEC_MARKER = "APPRENTICE_EXEC"
-"""Exported into every command's environment with a unique id, to find its processes."""
+"""Exported into every command's environment with a unique id, to find its processes. A command
+launched through two layers (a Harbor environment backed by our sandbox) carries both ids,
+joined by ``:``."""
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 WRAPPER = r"""
-__apx_s=/run/apprentice/state
-if [[ -r $__apx_s/env ]]; then
+if [[ -n $__apx_s && -r $__apx_s/env ]]; then
   ((${#__apx_unset[@]})) && unset -v "${__apx_unset[@]}" 2>/dev/null
   . "$__apx_s/env" 2>/dev/null
 fi
 declare -A __apx_had=() __apx_old=()
 for __apx_kv in "${__apx_oneoff[@]}"; do
   __apx_k=${__apx_kv%%=*}
+  if [[ $__apx_k == APPRENTICE_EXEC ]]; then  # nested launchers: carry both markers
+    export "APPRENTICE_EXEC=${APPRENTICE_EXEC:+$APPRENTICE_EXEC:}${__apx_kv#*=}"; continue
+  fi
   if [[ -v $__apx_k ]]; then __apx_had[$__apx_k]=1; __apx_old[$__apx_k]=${!__apx_k}; fi
   export "$__apx_kv"
 done
@@ -52,7 +56,7 @@ if [[ -n $__apx_cwd ]]; then
   cd -- "$__apx_cwd" || exit 1
 else
   __apx_saved=
-  [[ -r $__apx_s/cwd ]] && IFS= read -r -d '' __apx_saved < "$__apx_s/cwd"
+  [[ -n $__apx_s && -r $__apx_s/cwd ]] && IFS= read -r -d '' __apx_saved < "$__apx_s/cwd"
   cd -- "${__apx_saved:-$__apx_workdir}" 2>/dev/null || cd -- "$__apx_workdir" 2>/dev/null || cd /
 fi
 __apx_save() {
@@ -66,6 +70,7 @@ __apx_save() {
     fi
   done
   export -n APPRENTICE_EXEC 2>/dev/null
+  [[ -n $__apx_s ]] || exit "$__apx_rc"
   [[ -d $__apx_s ]] || mkdir -p "$__apx_s" 2>/dev/null
   export -p > "$__apx_s/env" 2>/dev/null
   [[ -n $__apx_cwd ]] || printf '%s' "$PWD" > "$__apx_s/cwd" 2>/dev/null
@@ -106,7 +111,7 @@ for __apx_pass in 1 2 3 4 5 6 7 8; do
     [[ $__apx_pid == "$__apx_self" || $__apx_pid == 1 ]] && continue
     mapfile -d '' __apx_e < "$__apx_p/environ" 2>/dev/null || continue
     for __apx_x in "${__apx_e[@]}"; do
-      if [[ $__apx_x == "APPRENTICE_EXEC=$1" ]]; then
+      if [[ $__apx_x == APPRENTICE_EXEC=* && :${__apx_x#*=}: == *":$1:"* ]]; then
         kill -STOP "$__apx_pid" 2>/dev/null; kill -KILL "$__apx_pid" 2>/dev/null
         __apx_hit=1; break
       fi
@@ -128,13 +133,19 @@ def check_env_names(env: Mapping[str, str]) -> None:
 
 
 def request_script(
-    command: str, cwd: str | None, env: Mapping[str, str] | None, workdir: str
+    command: str,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    workdir: str,
+    persist: bool = True,
 ) -> str:
-    """The ``req`` file the spawner sources before running ``WRAPPER``."""
+    """The ``req`` file the spawner sources before running ``WRAPPER``. ``persist=False``
+    neither restores nor saves the shell state (Harbor's stateless exec)."""
     env = env or {}
     check_env_names(env)
     oneoff = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
     return (
+        f"__apx_s={STATE_DIR if persist else ''}\n"
         f"__apx_cmd={shlex.quote(command)}\n"
         f"__apx_cwd={shlex.quote(cwd or '')}\n"
         f"__apx_workdir={shlex.quote(workdir)}\n"
@@ -148,6 +159,7 @@ def bash_argv(
     env: Mapping[str, str] | None,
     workdir: str,
     start_env_names: Sequence[str] = (),
+    persist: bool = True,
 ) -> list[str]:
     """``bash -c WRAPPER ...`` for launchers without a spawner. ``start_env_names`` are the
     variables the launcher's environment starts with, unset before the saved state is restored
@@ -155,8 +167,8 @@ def bash_argv(
     env = env or {}
     check_env_names(env)
     script = (
-        '__apx_cmd=$1 __apx_cwd=$2 __apx_workdir=$3; __apx_unset=($4); __apx_oneoff=("${@:5}")\n'
-        + WRAPPER
+        "__apx_cmd=$1 __apx_cwd=$2 __apx_workdir=$3 __apx_s=$4; __apx_unset=($5); "
+        '__apx_oneoff=("${@:6}")\n' + WRAPPER
     )
     return [
         "bash",
@@ -168,6 +180,7 @@ def bash_argv(
         command,
         cwd or "",
         workdir,
+        STATE_DIR if persist else "",
         " ".join(n for n in start_env_names if _NAME.match(n) and n != EXEC_MARKER),
         *(f"{k}={v}" for k, v in env.items()),
     ]

@@ -6,16 +6,47 @@ they skip with the reason, or fail when ``CI=true`` (see ``sandboxes.testing``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from sandboxes.local import LocalFactory
+from sandboxes.docker import docker_available, owner_id
+from sandboxes.local import OWNER_FILE, LocalFactory, default_root
 from sandboxes.testing import require_bwrap, require_docker
 from sandboxes.types import Sandbox, SandboxSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_sandboxes() -> Iterator[None]:
+    """After the whole suite: no container and no sandbox folder of this process remains."""
+    yield
+    leaks: list[str] = []
+    root = default_root()
+    for home in root.iterdir() if root.is_dir() else []:
+        try:
+            owner = json.loads((home / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("pid") == os.getpid():
+            leaks.append(f"sandbox folder {home}")
+            shutil.rmtree(home, ignore_errors=True)
+    if docker_available() is None:
+        import docker
+
+        api = docker.from_env().api
+        mine = f"{owner_id().rsplit(':', 1)[0]}:"
+        for container in api.containers(all=True, filters={"label": "apprentice.sandbox=1"}):
+            if container["Labels"].get("apprentice.owner", "").startswith(mine):
+                leaks.append(f"container {container['Names']} ({container['Status']})")
+                api.remove_container(container["Id"], force=True)
+    if leaks:
+        pytest.fail("sandboxes leaked by the test suite: " + "; ".join(leaks), pytrace=False)
 
 
 @pytest.fixture
