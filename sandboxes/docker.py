@@ -56,11 +56,12 @@ from sandboxes.errors import (
     SandboxFileError,
     SandboxStartError,
 )
-from sandboxes.local import OWNER_FILE, default_root, reap_leftovers
+from sandboxes.local import OWNER_FILE, control_root, default_root, reap_leftovers
 from sandboxes.output import CappedOutput
 from sandboxes.shell import (
     CONTROL_DIR,
     EXEC_MARKER,
+    STATE_DIR,
     bash_argv,
     kill_marked_argv,
     spawner_argv,
@@ -128,7 +129,7 @@ class DockerFactory:
     default_image: str = DEFAULT_IMAGE
     exec_mode: ExecMode = "auto"
     root: Path = field(default_factory=default_root)
-    """Where control directories live on the host (spawner mode)."""
+    """Where the local backend's leftovers are reaped too (control folders live on tmpfs)."""
     builds: int = 0
     """Images this factory built (a test checks concurrent creates build once)."""
 
@@ -325,8 +326,9 @@ class DockerSandbox:
         }
         binds: dict[str, dict[str, str]] = {}
         if self._mode == "spawner":
-            factory.root.mkdir(parents=True, exist_ok=True)
-            self._home = factory.root / f"docker-{slug}-{os.getpid()}-{secrets.token_hex(4)}"
+            parent = control_root()
+            parent.mkdir(parents=True, exist_ok=True)
+            self._home = parent / f"docker-{slug}-{os.getpid()}-{secrets.token_hex(4)}"
             control = self._home / "ctl"
             control.mkdir(parents=True, mode=0o755)
             (self._home / OWNER_FILE).write_text(json.dumps({"pid": os.getpid()}))
@@ -354,6 +356,8 @@ class DockerSandbox:
                 init=self._mode == "api",
                 ulimits=ulimits or None,
                 auto_remove=self._mode == "spawner",
+                # the shell state is rewritten by every command: keep it off the disk
+                tmpfs={STATE_DIR: "rw,mode=700,size=16m"},
             )
             container = self._api.create_container(
                 self.image,

@@ -58,6 +58,7 @@ from sandboxes.errors import (
     SandboxStartError,
     UnsupportedDockerfileError,
 )
+from sandboxes.procs import kill_namespace, pid_namespace
 from sandboxes.shell import CONTROL_DIR, spawner_argv
 from sandboxes.types import ExecResult, SandboxSpec
 
@@ -102,6 +103,22 @@ def default_root() -> Path:
     )
 
 
+def control_root() -> Path:
+    """Where control directories go: a tmpfs (``/dev/shm``) when there is one. A command
+    creates and removes a directory there; on this machine's disk that alone costs ~3 ms,
+    on tmpfs ~0.02 ms."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) and _is_tmpfs(shm):
+        return shm / "apprentice-ctl"
+    return default_root() / ".ctl"
+
+
+def _is_tmpfs(path: Path) -> bool:
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
+        return any(line.split()[1:3] == [str(path), "tmpfs"] for line in f)
+    return False
+
+
 def bwrap_available() -> str | None:
     """None when bubblewrap can create a sandbox here, else the reason it cannot."""
     path = shutil.which("bwrap")
@@ -138,11 +155,8 @@ class _Layout:
     """Where the sandbox's writable directories live on the host."""
 
     home: Path
+    control: Path
     private: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def control(self) -> Path:
-        return self.home / "ctl"
 
     def add(self, inside: str) -> Path:
         host = self.home / "fs" / (inside.strip("/").replace("/", "__") or "root")
@@ -190,7 +204,7 @@ class LocalSandbox:
             _check_reachable(root, spec.name)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.name)[:40] or "sandbox"
         home = root / f"{slug}-{os.getpid()}-{secrets.token_hex(4)}"
-        sandbox = cls(spec, _Layout(home), uid)
+        sandbox = cls(spec, _Layout(home, control_root() / home.name), uid)
         cleanup.register(sandbox, sandbox._kill_now)
         try:
             sandbox._prepare_dirs(steps)
@@ -205,7 +219,8 @@ class LocalSandbox:
     def _prepare_dirs(self, steps: list[dockerfile.Step]) -> None:
         layout, spec = self._layout, self.spec
         layout.home.mkdir(mode=0o755)
-        (layout.home / OWNER_FILE).write_text(json.dumps({"pid": os.getpid()}))
+        self._write_owner()
+        layout.control.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         layout.control.mkdir(mode=0o755)
         for inside in PRIVATE:
             layout.add(inside)
@@ -238,6 +253,15 @@ class LocalSandbox:
             if host is not None and not host.exists():
                 host.mkdir(parents=True)
                 self._own_tree(host)
+
+    def _write_owner(self) -> None:
+        """What the reaper needs if this process dies without closing the sandbox."""
+        owner = {
+            "pid": os.getpid(),
+            "init_pid": self._init_pid,
+            "control": str(self._layout.control),
+        }
+        (self._layout.home / OWNER_FILE).write_text(json.dumps(owner))
 
     @property
     def _dockerfile(self) -> Path:
@@ -318,9 +342,7 @@ class LocalSandbox:
                 f"{log_path.read_text(errors='replace').strip() or 'no message'}"
             )
         self._init_pid = int(info["child-pid"])
-        (self._layout.home / OWNER_FILE).write_text(
-            json.dumps({"pid": os.getpid(), "init_pid": self._init_pid})
-        )
+        self._write_owner()
         self._enter_cgroup(self._init_pid)
         stdin = self._process.stdin
         assert stdin is not None
@@ -549,6 +571,7 @@ class LocalSandbox:
     def _remove(self) -> None:
         if self._cgroup is not None:
             self._cgroup.remove()
+        shutil.rmtree(self._layout.control, ignore_errors=True)
         shutil.rmtree(self._layout.home, ignore_errors=True)
 
     async def __aenter__(self) -> Self:
@@ -694,10 +717,9 @@ async def _read_info(fd: int, timeout: float) -> dict | None:
 def reap_leftovers(root: Path | None = None) -> int:
     """Remove sandboxes whose owner process is gone (a crashed or SIGKILLed run): kill their
     processes, delete their directories and cgroups. Returns how many were removed."""
-    root = root or default_root()
     removed = 0
-    if root.is_dir():
-        for home in root.iterdir():
+    for parent in {root or default_root(), control_root()}:
+        for home in parent.iterdir() if parent.is_dir() else []:
             try:
                 owner = json.loads((home / OWNER_FILE).read_text())
             except (OSError, ValueError):
@@ -705,12 +727,12 @@ def reap_leftovers(root: Path | None = None) -> int:
             if _alive(owner.get("pid")):
                 continue
             init_pid = owner.get("init_pid")
-            if init_pid and _alive(init_pid):
-                from sandboxes.procs import kill_namespace, pid_namespace
-
+            if init_pid and _alive(init_pid) and _is_sandbox_init(init_pid):
                 namespace = pid_namespace(init_pid)
-                if namespace is not None and _is_sandbox_init(init_pid):
+                if namespace is not None:
                     kill_namespace(namespace)
+            if owner.get("control"):
+                shutil.rmtree(owner["control"], ignore_errors=True)
             shutil.rmtree(home, ignore_errors=True)
             removed += 1
     reap_stale()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sandboxes.docker import docker_available, owner_id
-from sandboxes.local import OWNER_FILE, LocalFactory, default_root
+from sandboxes.local import OWNER_FILE, LocalFactory, control_root, default_root
 from sandboxes.testing import require_bwrap, require_docker
 from sandboxes.types import Sandbox, SandboxSpec
 
@@ -27,8 +27,10 @@ def no_leaked_sandboxes() -> Iterator[None]:
     """After the whole suite: no container and no sandbox folder of this process remains."""
     yield
     leaks: list[str] = []
-    root = default_root()
-    for home in root.iterdir() if root.is_dir() else []:
+    homes = [
+        h for root in (default_root(), control_root()) if root.is_dir() for h in root.iterdir()
+    ]
+    for home in homes:
         try:
             owner = json.loads((home / OWNER_FILE).read_text())
         except (OSError, ValueError):
