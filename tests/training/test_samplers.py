@@ -79,7 +79,7 @@ def test_sampling_logprobs_follow_temperature_and_filters(tiny_model, prompts, p
 async def test_concurrent_calls_are_batched_and_match_one_by_one(tiny_model, prompts):
     sampler = HFSampler(tiny_model, batch_window_s=5.0)
     alone = [sampler.generate([p], [GREEDY])[0] for p in prompts]
-    sampler.stats["batches"] = 0
+    sampler.stats["admissions"] = 0
     results: list[SampledTokens | None] = [None] * len(prompts)
 
     async def episode(i: int) -> None:
@@ -90,10 +90,51 @@ async def test_concurrent_calls_are_batched_and_match_one_by_one(tiny_model, pro
         for i in range(len(prompts)):
             group.start_soon(episode, i)
     # Every tracked episode was waiting, so the batch left long before the 5 s window.
-    assert sampler.stats["batches"] == 1
+    assert sampler.stats["admissions"] == 1
     for one, batched in zip(alone, results, strict=True):
         assert batched.tokens == one.tokens
         assert_close(batched.model_logprobs, torch.tensor(one.model_logprobs))
+
+
+@pytest.mark.anyio
+async def test_rows_leave_early_and_new_requests_join_the_running_batch(tiny_model, prompts):
+    sampler = HFSampler(tiny_model, eos_token_ids=(), batch_window_s=0.0)
+    short = SamplingParams(max_tokens=2, temperature=0.0)
+    long = SamplingParams(max_tokens=150, temperature=0.0)
+    late = SamplingParams(max_tokens=20, temperature=0.0)
+    alone = {
+        "long": sampler.generate([prompts[2]], [long])[0],
+        "late": sampler.generate([prompts[0] * 5], [late])[0],
+    }
+    sampler.stats["admissions"] = 0
+    finished: list[str] = []
+    results: dict[str, SampledTokens] = {}
+
+    async def run(name: str, prompt: list[int], params: SamplingParams) -> None:
+        results[name] = await sampler.sample(prompt, params)
+        finished.append(name)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, "long", prompts[2], long)
+        await run("short", prompts[1], short)  # returns while "long" still decodes
+        assert finished == ["short"]
+        # A longer prompt joins mid-decode: the running cache is left-padded to its width.
+        await run("late", prompts[0] * 5, late)
+        assert finished == ["short", "late"]
+    assert finished == ["short", "late", "long"]
+    assert sampler.stats["admissions"] >= 2
+    for name in ("long", "late"):
+        assert results[name].tokens == alone[name].tokens
+        assert_close(results[name].model_logprobs, torch.tensor(alone[name].model_logprobs))
+
+
+@pytest.mark.anyio
+async def test_a_failing_batch_raises_in_every_caller_and_the_sampler_recovers(tiny_model, prompts):
+    sampler = HFSampler(tiny_model)
+    with pytest.raises(IndexError):
+        await sampler.sample([1, 10**9], GREEDY)  # an id beyond the embedding table
+    out = await sampler.sample(prompts[0], GREEDY)
+    assert out.tokens == sampler.generate([prompts[0]], [GREEDY])[0].tokens
 
 
 def test_prompts_of_very_different_lengths_decode_as_if_alone(tiny_model, smollm2_tokenizer):

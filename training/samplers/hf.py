@@ -1,15 +1,17 @@
 """Sample from a Hugging Face model, batching the turns of all running episodes.
 
-Every episode awaits ``sample(prompt, params)`` on its own; the sampler gathers the requests
-that arrive within ``batch_window_s`` (or until every tracked episode is waiting) and decodes
-them together in a worker thread, so the event loop keeps running tools meanwhile.
+Every episode awaits ``sample(prompt, params)`` on its own. One decode thread runs a
+continuous batch: between decoding steps it admits the requests that are waiting (once every
+tracked episode waits, or after ``batch_window_s``), and a row leaves the batch, waking its
+episode, as soon as it stops, so tools run while other rows still decode and the event loop
+is never blocked.
 
 Why a hand-written decoding loop rather than ``model.generate``: each row needs two logprobs
 (the model's own, and the one under the distribution that sampled it), per-row temperature /
 top-k / top-p, forced and banned tokens for ``tool_choice``, and multi-token stop sequences.
 The loop computes ``log_softmax`` only for each row's last position, prefills prompts in
-groups of similar length (then merges their KV caches with left padding, so short prompts do
-not pay for long ones), and drops finished rows from the batch.
+groups of similar length and merges their KV caches into the running batch with left padding
+(short prompts do not pay for long ones), and drops finished rows from the batch.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -46,6 +51,15 @@ class _Row:
     def context_length(self) -> int:
         return len(self.prompt) + len(self.forced)
 
+    def result(self) -> SampledTokens:
+        return SampledTokens(
+            tokens=self.tokens,
+            sampling_logprobs=self.sampling_logprobs,
+            model_logprobs=self.model_logprobs,
+            finish_reason=self.finish_reason,
+            num_forced=len(self.forced),
+        )
+
     def banned_token(self) -> int | None:
         """The token that would complete the banned envelope opening, if it is next."""
         seq = self.banned_sequence
@@ -57,10 +71,14 @@ class _Row:
         return None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
-    prompt: list[int]
-    params: SamplingParams
+    """A ``sample`` call waiting for its result; the decode thread wakes it on its own loop."""
+
+    row: _Row
+    token: object
+    """The caller's event loop (``anyio.lowlevel.current_token()``)."""
+    arrived: float = field(default_factory=time.monotonic)
     done: anyio.Event = field(default_factory=anyio.Event)
     result: SampledTokens | None = None
     error: BaseException | None = None
@@ -69,9 +87,12 @@ class _Pending:
 class HFSampler:
     """A ``Sampler`` over a Hugging Face causal LM (plain or peft), on CPU or GPU.
 
+    Decoding runs in one background thread with continuous batching: requests join the running
+    batch between decoding steps and each leaves (its episode resumes) as soon as it stops.
+
     ``model`` may be the very module being trained: sampling runs in eval mode without
-    gradients and puts the module back in train mode afterwards, so samples always come from
-    the current weights."""
+    gradients and puts the module back in train mode when the batch drains, so samples always
+    come from the current weights. Call ``update_weights`` between rollouts, not during."""
 
     def __init__(
         self,
@@ -94,13 +115,16 @@ class HFSampler:
             eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer)
         )
         self.active_episodes = 0
-        """Episodes that will call ``sample`` again; a batch starts as soon as all of them wait."""
+        """Episodes that will call ``sample`` again; new requests join the batch as soon as
+        all of them wait (else after ``batch_window_s``)."""
         self._pending: list[_Pending] = []
-        self._lock = anyio.Lock()
-        device = _device_of(model)
-        self._generator = torch.Generator(device=device)
+        self._mutex = threading.Lock()
+        self._wake = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._generator = torch.Generator(device=_device_of(model))
         self._generator.manual_seed(seed if seed is not None else torch.seed())
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "seconds": 0.0}
+        self.stats = {"admissions": 0, "steps": 0, "rows": 0, "tokens": 0}
+        """``admissions``: prefills that joined the batch; ``steps``: batched decoding steps."""
 
     @contextlib.asynccontextmanager
     async def track_episode(self) -> AsyncIterator[None]:
@@ -110,184 +134,232 @@ class HFSampler:
             yield
         finally:
             self.active_episodes -= 1
-
-    def reseed(self, seed: int) -> None:
-        """Restart the sampling random stream (the trainer reseeds per step, so a resumed run
-        draws what an uninterrupted one would have)."""
-        self._generator.manual_seed(seed)
+            self._wake.set()
 
     async def update_weights(self, model: torch.nn.Module) -> None:
         """Sample from ``model`` from now on (a no-op when it is the module already held)."""
         self.model = model
 
     async def sample(self, prompt: Sequence[int], params: SamplingParams) -> SampledTokens:
-        request = _Pending(list(prompt), params)
-        self._pending.append(request)
-        # The first waiter to get the lock decodes everything pending; the others find their
-        # result already set when their turn comes.
-        async with self._lock:
-            if not request.done.is_set():
-                await self._gather_batch()
-                batch = self._pending[: self.max_batch_size]
-                del self._pending[: len(batch)]
-                with anyio.CancelScope(shield=True):
-                    await self._run(batch)
+        request = _Pending(_make_row(prompt, params), anyio.lowlevel.current_token())
+        with self._mutex:
+            self._pending.append(request)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="hf-sampler", daemon=True)
+                self._worker.start()
+        self._wake.set()
+        await request.done.wait()
         if request.error is not None:
             raise request.error
         assert request.result is not None
         return request.result
 
-    async def _gather_batch(self) -> None:
-        deadline = time.monotonic() + self.batch_window_s
-        while (
-            len(self._pending) < max(self.active_episodes, 1)
-            and len(self._pending) < self.max_batch_size
-            and time.monotonic() < deadline
-        ):
-            await anyio.sleep(0.001)
-
-    async def _run(self, batch: list[_Pending]) -> None:
-        try:
-            results = await anyio.to_thread.run_sync(
-                self.generate, [r.prompt for r in batch], [r.params for r in batch]
-            )
-        except BaseException as error:  # every waiter must wake, with the error
-            for request in batch:
-                request.error = error
-                request.done.set()
-            raise
-        for request, result in zip(batch, results, strict=True):
-            request.result = result
-            request.done.set()
-
-    # ---- decoding (synchronous; runs in a worker thread) -------------------------------------
-
     def generate(
         self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
     ) -> list[SampledTokens]:
-        """Decode a batch of prompts, each with its own params. Blocking."""
+        """Decode a batch of prompts, each with its own params, in the calling thread."""
+        rows = [_make_row(p, s) for p, s in zip(prompts, params, strict=True)]
+        with self._eval_mode():
+            batch = _Batch(self)
+            batch.admit(rows)
+            while batch.rows:
+                batch.step()
+        return [row.result() for row in rows]
+
+    # ---- the decode thread ----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        """Admit waiting requests between steps, step, hand finished rows back; exit when
+        nothing is left (the next ``sample`` starts a new thread)."""
+        batch = _Batch(self)
+        try:
+            with self._eval_mode():
+                while True:
+                    with self._mutex:
+                        admitted = self._take_admissible(len(batch.rows))
+                        if not admitted and not batch.rows and not self._pending:
+                            self._worker = None
+                            return
+                    if admitted:
+                        self._finish(batch.admit([r.row for r in admitted], admitted))
+                    if batch.rows:
+                        self._finish(batch.step())
+                    elif not admitted:
+                        self._wake.wait(self.batch_window_s / 4)
+                        self._wake.clear()
+        except BaseException as error:
+            with self._mutex:
+                failed = batch.requests + self._pending
+                self._pending = []
+                self._worker = None
+            for request in failed:
+                request.error = error
+                _wake(request)
+
+    def _take_admissible(self, running: int) -> list[_Pending]:
+        """Requests to prefill now: all pending (up to the batch size) once every tracked
+        episode waits, the batch is full, or the oldest has waited ``batch_window_s``."""
+        room = self.max_batch_size - running
+        if not self._pending or room <= 0:
+            return []
+        waiting = running + len(self._pending)
+        oldest = time.monotonic() - self._pending[0].arrived
+        if (
+            waiting >= max(self.active_episodes, 1)
+            or len(self._pending) >= room
+            or oldest >= self.batch_window_s
+        ):
+            taken, self._pending = self._pending[:room], self._pending[room:]
+            return taken
+        return []
+
+    def _finish(self, finished: list[_Pending]) -> None:
+        for request in finished:
+            request.result = request.row.result()
+            _wake(request)
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
         model = self.model
         was_training = model.training
         model.eval()
-        start = time.perf_counter()
         try:
-            with torch.no_grad():
-                rows = [_make_row(p, s) for p, s in zip(prompts, params, strict=True)]
-                self._decode(rows)
+            with torch.no_grad():  # grad mode is per thread
+                yield
         finally:
             if was_training:
                 model.train()
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["tokens"] += sum(len(r.tokens) - len(r.forced) for r in rows)
-        self.stats["seconds"] += time.perf_counter() - start
-        return [
-            SampledTokens(
-                tokens=r.tokens,
-                sampling_logprobs=r.sampling_logprobs,
-                model_logprobs=r.model_logprobs,
-                finish_reason=r.finish_reason,
-                num_forced=len(r.forced),
-            )
-            for r in rows
-        ]
 
-    def _decode(self, rows: list[_Row]) -> None:
-        if not rows:
-            return
-        device = _device_of(self.model)
-        live = [r for r in rows if r.params.max_tokens > len(r.forced)]
+
+@dataclass(eq=False)
+class _Part:
+    """Rows decoded together: their KV cache (left-padded to the attention width), attention
+    mask [B, W], next positions [B] and next-token logits [B, V] (float32)."""
+
+    rows: list[_Row]
+    cache: DynamicCache | None
+    attention: torch.Tensor
+    lengths: torch.Tensor
+    next_logits: torch.Tensor | None
+
+
+class _Batch:
+    """The running batch. ``admit`` prefills new rows and merges them in; ``step`` samples one
+    token per row, drops the rows that stopped and runs the rest one position further."""
+
+    def __init__(self, sampler: HFSampler) -> None:
+        self.sampler = sampler
+        self.model = sampler.model
+        self.device = _device_of(self.model)
+        empty = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.part = _Part([], None, empty, empty.new_zeros(0), None)
+        self._request_of: dict[_Row, _Pending] = {}
+
+    @property
+    def rows(self) -> list[_Row]:
+        return self.part.rows
+
+    @property
+    def requests(self) -> list[_Pending]:
+        return list(self._request_of.values())
+
+    def admit(self, rows: list[_Row], requests: Sequence[_Pending] = ()) -> list[_Pending]:
+        """Prefill ``rows`` (prompt + forced prefix) in groups of similar length and merge them
+        into the batch. Returns requests already finished (budget spent on the prefix)."""
+        self._request_of.update({r.row: r for r in requests})
         for row in rows:
-            if row not in live:  # the budget ends inside the forced prefix
+            if row.params.max_tokens <= len(row.forced):  # the budget ends inside the prefix
                 row.forced = row.forced[: max(row.params.max_tokens, 0)]
-        order, cache, next_logits, forced_logprobs = self._prefill(rows, device)
-        for row in order:
-            row.tokens.extend(row.forced)
-            row.sampling_logprobs.extend([0.0] * len(row.forced))
-            row.model_logprobs.extend(forced_logprobs[row])
-        active = [r for r in order if r in live]
-        keep = [i for i, r in enumerate(order) if r in live]
-        lengths = torch.tensor([r.context_length for r in order], device=device)
-        total = int(lengths.max()) if len(order) else 0
-        columns = torch.arange(total, device=device)[None, :]
-        attention = (columns >= (total - lengths)[:, None]).long()  # left padding
-        if len(keep) < len(order):
-            cache, next_logits, attention, lengths = _select(
-                keep, cache, next_logits, attention, lengths, device
-            )
-        while active:
-            tokens = self._sample_step(active, next_logits)
-            still = []
-            for i, row in enumerate(active):
-                if not _finished(row, self.eos_token_ids):
-                    still.append(i)
-            if not still:
-                break
-            if len(still) < len(active):
-                cache, _, attention, lengths = _select(
-                    still, cache, None, attention, lengths, device
-                )
-                tokens = tokens[still]
-                active = [active[i] for i in still]
-            attention = torch.cat([attention, attention.new_ones(len(active), 1)], dim=1)
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=attention,
-                position_ids=lengths[:, None],
-                use_cache=True,
-                logits_to_keep=1,
-                **{_cache_kwarg(self.model): cache},
-            )
-            lengths = lengths + 1
-            next_logits = out.logits[:, -1, :].float()
+        groups = _length_groups(
+            rows, self.sampler.prefill_padding_waste, self.sampler.max_prefill_tokens
+        )
+        parts = [self.part] if self.rows else []
+        parts += [self._prefill(group) for group in groups]
+        self.part = parts[0] if len(parts) == 1 else _merge(parts)
+        self.sampler.stats["admissions"] += 1
+        self.sampler.stats["rows"] += len(rows)
+        spent = [i for i, r in enumerate(self.rows) if r.params.max_tokens <= len(r.tokens)]
+        return self._drop(spent)
 
-    def _prefill(
-        self, rows: list[_Row], device: torch.device
-    ) -> tuple[list[_Row], DynamicCache, torch.Tensor, dict[_Row, list[float]]]:
-        """Run the contexts (prompt + forced prefix) in groups of similar length; merge the
-        groups' caches into one left-padded batch. Returns the row order of the merged batch,
-        the cache, the next-token logits [B, V] and each row's forced-token model logprobs."""
-        groups = _length_groups(rows, self.prefill_padding_waste, self.max_prefill_tokens)
-        order: list[_Row] = []
-        caches, lengths, next_logits = [], [], []
-        forced: dict[_Row, list[float]] = {}
-        for group in groups:
-            width = max(r.context_length for r in group)
-            ids = torch.full((len(group), width), 0, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for i, row in enumerate(group):
-                context = row.prompt + row.forced
-                ids[i, width - len(context) :] = torch.tensor(context)
-                mask[i, width - len(context) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            keep = 1 + max(len(r.forced) for r in group)
-            cache = DynamicCache()
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True,
-                logits_to_keep=keep,
-                **{_cache_kwarg(self.model): cache},
-            )
-            logits = out.logits.float()  # [g, keep, V]
-            for i, row in enumerate(group):
-                n = len(row.forced)
-                if n:
-                    lp = torch.log_softmax(logits[i, keep - 1 - n : keep - 1], dim=-1)
-                    target = torch.tensor(row.forced, device=device)[:, None]
-                    forced[row] = lp.gather(-1, target)[:, 0].tolist()
-                else:
-                    forced[row] = []
-            next_logits.append(logits[:, -1, :])
-            caches.append(cache)
-            lengths.append(width)
-            order.extend(group)
-        cache = caches[0] if len(caches) == 1 else _merge_caches(caches, lengths)
-        return order, cache, torch.cat(next_logits), forced
+    def step(self) -> list[_Pending]:
+        """One decoding step for every row. Returns the requests that finished."""
+        part = self.part
+        tokens = self._sample(part.next_logits)
+        self.sampler.stats["steps"] += 1
+        self.sampler.stats["tokens"] += len(part.rows)
+        eos = self.sampler.eos_token_ids
+        stopped = [i for i, row in enumerate(part.rows) if _finished(row, eos)]
+        kept = [i for i in range(len(part.rows)) if i not in set(stopped)]
+        done = self._drop(stopped)
+        if not self.rows:
+            return done
+        part = self.part
+        part.attention = torch.cat([part.attention, part.attention.new_ones(len(kept), 1)], 1)
+        out = self.model(
+            input_ids=tokens[kept][:, None],
+            attention_mask=part.attention,
+            position_ids=part.lengths[:, None],
+            use_cache=True,
+            logits_to_keep=1,
+            **{_cache_kwarg(self.model): part.cache},
+        )
+        part.lengths = part.lengths + 1
+        part.next_logits = out.logits[:, -1, :].float()
+        return done
 
-    def _sample_step(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+    def _drop(self, indices: list[int]) -> list[_Pending]:
+        """Remove rows from the batch; return their requests."""
+        if not indices:
+            return []
+        part = self.part
+        gone = [part.rows[i] for i in indices]
+        keep = [i for i in range(len(part.rows)) if i not in set(indices)]
+        part.rows = [part.rows[i] for i in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        if part.rows:
+            part.cache.batch_select_indices(index)
+        else:
+            part.cache = None
+        part.attention, part.lengths = part.attention[index], part.lengths[index]
+        part.next_logits = part.next_logits[index] if part.next_logits is not None else None
+        return [self._request_of.pop(r) for r in gone if r in self._request_of]
+
+    def _prefill(self, group: list[_Row]) -> _Part:
+        """One left-padded forward pass over ``group``'s contexts. Forced tokens are appended
+        to their rows with their model logprobs (sampling logprob 0.0)."""
+        width = max(r.context_length for r in group)
+        ids = torch.zeros((len(group), width), dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, row in enumerate(group):
+            context = row.prompt + row.forced
+            ids[i, width - len(context) :] = torch.tensor(context)
+            mask[i, width - len(context) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        keep = 1 + max(len(r.forced) for r in group)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=keep,
+            **{_cache_kwarg(self.model): cache},
+        )
+        logits = out.logits.float()  # [g, keep, V]
+        for i, row in enumerate(group):
+            n = len(row.forced)
+            if n:
+                logprobs = torch.log_softmax(logits[i, keep - 1 - n : keep - 1], dim=-1)
+                target = torch.tensor(row.forced, device=self.device)[:, None]
+                row.model_logprobs.extend(logprobs.gather(-1, target)[:, 0].tolist())
+                row.tokens.extend(row.forced)
+                row.sampling_logprobs.extend([0.0] * n)
+        lengths = torch.tensor([r.context_length for r in group], device=self.device)
+        return _Part(group, cache, mask, lengths, logits[:, -1, :])
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Pick one token per row; record both logprobs. ``logits`` [B, V] float32."""
+        rows = self.rows
         model_logprobs = torch.log_softmax(logits, dim=-1)
         banned = [(i, row.banned_token()) for i, row in enumerate(rows)]
         banned = [(i, t) for i, t in banned if t is not None]
@@ -301,7 +373,8 @@ class HFSampler:
         scaled = _top_k(scaled, [r.params.top_k for r in rows])
         scaled = _top_p(scaled, [r.params.top_p for r in rows])
         sampling_logprobs = torch.log_softmax(scaled, dim=-1)
-        drawn = torch.multinomial(sampling_logprobs.exp(), 1, generator=self._generator)[:, 0]
+        generator = self.sampler._generator
+        drawn = torch.multinomial(sampling_logprobs.exp(), 1, generator=generator)[:, 0]
         tokens = torch.where(greedy, logits.argmax(dim=-1), drawn)
         chosen_model = model_logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
         chosen_sampling = sampling_logprobs.gather(-1, tokens[:, None])[:, 0]
@@ -313,6 +386,12 @@ class HFSampler:
             row.sampling_logprobs.append(s_lp)
             row.model_logprobs.append(m_lp)
         return tokens
+
+
+def _wake(request: _Pending) -> None:
+    """Set the request's event on its own event loop (from the decode thread)."""
+    with contextlib.suppress(RuntimeError):  # that loop is gone: nobody waits any more
+        anyio.from_thread.run_sync(request.done.set, token=request.token)
 
 
 def _make_row(prompt: Sequence[int], params: SamplingParams) -> _Row:
@@ -389,28 +468,23 @@ def _length_groups(rows: list[_Row], waste: float, max_tokens: int) -> list[list
     return groups
 
 
-def _merge_caches(caches: list[DynamicCache], widths: list[int]) -> DynamicCache:
-    """Concatenate per-group caches along the batch, left-padding each to the widest."""
-    total = max(widths)
+def _merge(parts: list[_Part]) -> _Part:
+    """Concatenate parts along the batch, left-padding caches and masks to the widest."""
+    width = max(part.attention.shape[1] for part in parts)
     layers = []
-    for layer in range(len(caches[0].layers)):
+    for layer in range(len(parts[0].cache.layers)):
         keys, values = [], []
-        for cache, width in zip(caches, widths, strict=True):
-            pad = (0, 0, total - width, 0)
-            keys.append(F.pad(cache.layers[layer].keys, pad))
-            values.append(F.pad(cache.layers[layer].values, pad))
+        for part in parts:
+            pad = (0, 0, width - part.attention.shape[1], 0)
+            keys.append(F.pad(part.cache.layers[layer].keys, pad))
+            values.append(F.pad(part.cache.layers[layer].values, pad))
         layers.append((torch.cat(keys), torch.cat(values)))
-    return DynamicCache(layers)
-
-
-def _select(keep, cache, logits, attention, lengths, device):
-    index = torch.tensor(keep, device=device)
-    cache.batch_select_indices(index)
-    return (
-        cache,
-        logits[index] if logits is not None else None,
-        attention[index],
-        lengths[index],
+    return _Part(
+        rows=[row for part in parts for row in part.rows],
+        cache=DynamicCache(layers),
+        attention=torch.cat([F.pad(p.attention, (width - p.attention.shape[1], 0)) for p in parts]),
+        lengths=torch.cat([part.lengths for part in parts]),
+        next_logits=torch.cat([part.next_logits for part in parts]),
     )
 
 
