@@ -315,7 +315,7 @@ class LocalSandbox:
     async def _start(self) -> None:
         spec = self.spec
         self._create_cgroup()
-        self.limits += [o.lstrip("-").upper().replace("=", "=", 1) for o in self._rlimits()]
+        self.limits += ["RLIMIT_" + o.lstrip("-").upper() for o in self._rlimits()]
         info_read, info_write = os.pipe()
         log_path = self._layout.home / "bwrap.log"
         try:
