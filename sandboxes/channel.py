@@ -22,7 +22,7 @@ import select
 import shutil
 import stat
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
@@ -37,14 +37,16 @@ _CHUNK = 1 << 16
 
 
 class SpawnerChannel:
-    """Runs commands through one sandbox's spawner (its pid 1, ``init_pid`` on the host)."""
+    """Runs commands through one sandbox's spawner (its pid 1, ``init_pid`` on the host), which
+    reads request ids from the pipe or FIFO whose write end is ``request_fd`` (non-blocking;
+    the channel owns it and closes it, which ends the spawner)."""
 
     def __init__(
         self,
         *,
         sandbox_name: str,
         control_dir: Path,
-        send: Callable[[bytes], Awaitable[None]],
+        request_fd: int,
         init_pid: int,
         workdir: str,
         owner: tuple[int, int] | None = None,
@@ -53,7 +55,8 @@ class SpawnerChannel:
         self.control_dir = control_dir
         self.init_pid = init_pid
         self.workdir = workdir
-        self._send = send
+        self._request_fd = request_fd
+        os.set_blocking(request_fd, False)
         self._owner = owner
         self._pidfd = os.pidfd_open(init_pid)
         namespace = pid_namespace(init_pid)
@@ -71,6 +74,16 @@ class SpawnerChannel:
         if not self._closed:
             self._closed = True
             os.close(self._pidfd)
+            os.close(self._request_fd)
+
+    async def _send(self, line: bytes) -> None:
+        # one line is far below PIPE_BUF: concurrent writes never interleave
+        while True:
+            try:
+                os.write(self._request_fd, line)
+                return
+            except BlockingIOError:
+                await anyio.wait_writable(self._request_fd)
 
     async def run(
         self,
@@ -147,6 +160,9 @@ class SpawnerChannel:
                 if dirfd >= 0:
                     os.close(dirfd)
                 shutil.rmtree(directory, ignore_errors=True)
+                if not finished and fds:
+                    # a job that started between the kill and the removal: kill it too
+                    await self._kill(exec_id)
 
     async def _wait(
         self, fds: dict[str, int], stdout: CappedOutput, stderr: CappedOutput, timeout: float | None

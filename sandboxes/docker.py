@@ -77,6 +77,7 @@ TASK_LABEL = "apprentice.task"
 IMAGE_REPOSITORY = "apprentice-env"
 DEFAULT_IMAGE = "debian:bookworm-slim"
 ExecMode = Literal["auto", "spawner", "api"]
+_client_lock = threading.Lock()
 
 
 def docker_available(timeout: float = 5.0) -> str | None:
@@ -139,6 +140,10 @@ class DockerFactory:
 
     @property
     def api(self) -> Any:
+        with _client_lock:
+            return self._connect()
+
+    def _connect(self) -> Any:
         if self.client is None:
             try:
                 import docker
@@ -394,18 +399,10 @@ class DockerSandbox:
             self._channel = SpawnerChannel(
                 sandbox_name=spec.name,
                 control_dir=self._home / "ctl",
-                send=self._send_request,
+                request_fd=os.dup(self._request_fd),
                 init_pid=pid,
                 workdir=spec.workdir,
             )
-
-    async def _send_request(self, line: bytes) -> None:
-        while True:
-            try:
-                os.write(self._request_fd, line)
-                return
-            except BlockingIOError:
-                await anyio.wait_writable(self._request_fd)
 
     # ---- the Sandbox protocol -------------------------------------------------------------
 

@@ -183,6 +183,7 @@ class LocalSandbox:
         self._channel: SpawnerChannel | None = None
         self._cgroup: Cgroup | None = None
         self._init_pid: int | None = None
+        self._request_fd = -1
         self._closed = False
         self.limits: list[str] = []
         """What is enforced, e.g. ``["pids.max=512", "memory=512MB", "RLIMIT_NPROC=514"]``."""
@@ -317,12 +318,14 @@ class LocalSandbox:
         self._create_cgroup()
         self.limits += ["RLIMIT_" + o.lstrip("-").upper() for o in self._rlimits()]
         info_read, info_write = os.pipe()
+        # the spawner reads requests from this pipe; when we die, it reads end-of-file and exits
+        requests_read, self._request_fd = os.pipe2(os.O_CLOEXEC)
         log_path = self._layout.home / "bwrap.log"
         try:
             with open(log_path, "wb") as log:
                 self._process = await anyio.open_process(
                     self._bwrap_argv(info_write),
-                    stdin=subprocess.PIPE,
+                    stdin=requests_read,
                     stdout=subprocess.DEVNULL,
                     stderr=log,
                     env={**BASE_ENV, **spec.env},
@@ -331,6 +334,7 @@ class LocalSandbox:
                 )
         finally:
             os.close(info_write)
+            os.close(requests_read)
         try:
             info = await _read_info(info_read, timeout=30)
         finally:
@@ -344,12 +348,10 @@ class LocalSandbox:
         self._init_pid = int(info["child-pid"])
         self._write_owner()
         self._enter_cgroup(self._init_pid)
-        stdin = self._process.stdin
-        assert stdin is not None
         self._channel = SpawnerChannel(
             sandbox_name=spec.name,
             control_dir=self._layout.control,
-            send=stdin.send,
+            request_fd=self._request_fd,
             init_pid=self._init_pid,
             workdir=spec.workdir,
             owner=(self._uid, self._uid) if self._uid is not None else None,
@@ -549,7 +551,10 @@ class LocalSandbox:
         cleanup.unregister(self)
         with anyio.CancelScope(shield=True):
             if self._channel is not None:
-                self._channel.close()
+                self._channel.close()  # closes the request pipe too
+            elif self._request_fd >= 0:
+                os.close(self._request_fd)
+            self._request_fd = -1
             if self._init_pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self._init_pid, signal.SIGKILL)
@@ -558,7 +563,7 @@ class LocalSandbox:
                 # status behind asyncio's child watcher
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self._process.pid, signal.SIGKILL)
-                await self._process.aclose()  # closes stdin and the transport, waits
+                await self._process.aclose()  # closes the transport, waits
             await anyio.to_thread.run_sync(self._remove)
 
     def _kill_now(self) -> None:

@@ -109,15 +109,18 @@ async def test_sigkilled_owner_docker_containers_are_reaped(docker_factory, mode
 
 @pytest.mark.docker
 @pytest.mark.bwrap
-async def test_sigterm_cleans_up_before_exiting(docker: None, bwrap: None) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+async def test_sigterm_and_ctrl_c_clean_up_before_exiting(
+    docker: None, bwrap: None, signum: int
+) -> None:
     import docker as docker_sdk
 
     api = docker_sdk.from_env().api
     docker_child, docker_info = spawn_owner("docker", "api")
     local_child, local_info = spawn_owner("local")
-    kill(docker_child, signal.SIGTERM)
-    kill(local_child, signal.SIGTERM)
-    assert docker_child.returncode == -signal.SIGTERM
+    kill(docker_child, signum)
+    kill(local_child, signum)
+    assert docker_child.returncode != 0
     assert not _container_exists(api, docker_info["container"])
     assert not Path(local_info["home"]).exists()
     assert wait_until(lambda: not _alive(local_info["init_pid"]))
