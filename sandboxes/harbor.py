@@ -106,22 +106,22 @@ class HarborFactory:
             persistent_env=dict(spec.env),
             **self.options,
         )
+        kind: EnvironmentType | None = None
+        if isinstance(self.environment, str):
+            try:
+                kind = EnvironmentType(self.environment)
+            except ValueError:
+                shutil.rmtree(trial_dir, ignore_errors=True)
+                choices = ", ".join(t.value for t in EnvironmentType)
+                raise ValueError(
+                    f"unknown Harbor environment type {self.environment!r}; "
+                    f"expected one of {choices}"
+                ) from None
         try:
-            if isinstance(self.environment, str):
-                try:
-                    kind = EnvironmentType(self.environment)
-                except ValueError:
-                    choices = ", ".join(t.value for t in EnvironmentType)
-                    raise ValueError(
-                        f"unknown Harbor environment type {self.environment!r}; "
-                        f"expected one of {choices}"
-                    ) from None
+            if kind is not None:
                 environment = EnvironmentFactory.create_environment(type=kind, **arguments)
             else:
                 environment = self.environment(**arguments)
-        except ValueError:
-            shutil.rmtree(trial_dir, ignore_errors=True)
-            raise
         except Exception as exc:
             shutil.rmtree(trial_dir, ignore_errors=True)
             raise SandboxStartError(

@@ -74,6 +74,8 @@ class Sandbox(Protocol):
         timeout: float | None = None,
     ) -> ExecResult:
         """Run ``command`` with bash. A timeout kills the command's whole process tree.
+        The working directory and exported variables persist from one call to the next (like a
+        terminal); ``cwd`` and ``env`` given here apply to this call only (docs/sandboxes.md).
         Raises ``SandboxError`` only when the sandbox itself is broken, never for a failing
         command."""
         ...

@@ -42,9 +42,17 @@ async def test_workspace_directories_are_writable(sandbox: Sandbox) -> None:
         assert result.stdout == "ok\n", (path, result)
 
 
-async def test_host_secrets_are_not_visible(sandbox: Sandbox) -> None:
-    assert any(Path("/root").iterdir())  # the host's /root has content...
-    assert (await sandbox.exec("ls -A /root")).stdout == ""  # ...the sandbox's is its own
+async def test_host_secrets_are_not_visible(sandbox: Sandbox, tmp_path: Path) -> None:
+    secret = Path("/root") / f".apprentice-probe-{tmp_path.name}"
+    planted = os.access("/root", os.W_OK)
+    if planted:
+        secret.write_text("host secret")
+    try:
+        # the sandbox's /root is its own, empty
+        assert (await sandbox.exec("ls -A /root; cat /root/.apprentice-probe-*")).stdout == ""
+    finally:
+        if planted:
+            secret.unlink()
     for missing in ("/home", "/work", "/mnt", "/srv", "/var/lib/docker/containers"):
         result = await sandbox.exec(f"ls {missing}")
         assert result.exit_code == 2 and "No such file or directory" in result.stderr, missing
