@@ -250,10 +250,15 @@ class LocalSandbox:
                 host.chmod(0o1777)
             self._own(host)
         for sub in ("/logs/agent", "/logs/verifier", spec.workdir):
-            host = self._host_path(sub)
-            if host is not None and not host.exists():
-                host.mkdir(parents=True)
-                self._own_tree(host)
+            inside = layout.root_of(sub)
+            if inside is None:
+                continue
+            path = layout.private[inside]
+            for part in PurePosixPath(sub).relative_to(inside).parts:
+                path = path / part
+                if not path.exists():
+                    path.mkdir()
+                    self._own(path)
 
     def _write_owner(self) -> None:
         """What the reaper needs if this process dies without closing the sandbox."""
@@ -268,21 +273,9 @@ class LocalSandbox:
     def _dockerfile(self) -> Path:
         return (self.spec.environment_dir or Path(".")) / "Dockerfile"
 
-    def _host_path(self, inside: str) -> Path | None:
-        root = self._layout.root_of(inside)
-        if root is None:
-            return None
-        rel = PurePosixPath(inside).relative_to(root)
-        return self._layout.private[root] / rel
-
     def _own(self, path: Path) -> None:
         if self._uid is not None:
             os.chown(path, self._uid, self._uid)
-
-    def _own_tree(self, path: Path) -> None:
-        while self._uid is not None and path != self._layout.home and path.stat().st_uid == 0:
-            self._own(path)
-            path = path.parent
 
     def _bwrap_argv(self, info_fd: int) -> list[str]:
         spec, layout = self.spec, self._layout
