@@ -58,6 +58,7 @@ from sandboxes.errors import (
 )
 from sandboxes.local import OWNER_FILE, control_root, default_root, reap_leftovers
 from sandboxes.output import CappedOutput
+from sandboxes.procs import kill_command, pid_namespace
 from sandboxes.shell import (
     CONTROL_DIR,
     EXEC_MARKER,
@@ -288,6 +289,9 @@ class DockerSandbox:
         self._request_fd = -1
         self._channel: SpawnerChannel | None = None
         self._start_env: list[str] = []
+        self._init_pid: int | None = None
+        self._namespace: str | None = None
+        """The container's pid namespace when its processes are visible here (local daemon)."""
         self._closed = False
 
     # ---- creation -------------------------------------------------------------------------
@@ -388,13 +392,15 @@ class DockerSandbox:
                 f"sandbox {spec.name!r}: starting a container from image {self.image} failed: {exc}"
             ) from exc
         self._start_env = [e.split("=", 1)[0] for e in info["Config"].get("Env") or []]
+        self._init_pid = info["State"].get("Pid") or None
+        self._namespace = _local_pid_namespace(info)
         if self._mode == "spawner":
-            pid = info["State"].get("Pid") or 0
-            if not pid or not Path(f"/proc/{pid}").exists():
+            if self._namespace is None:
                 raise SandboxStartError(
-                    f"sandbox {spec.name!r}: the container's pid 1 is not visible on this host "
-                    "(is the docker daemon remote?); use DockerFactory(exec_mode='api')"
+                    f"sandbox {spec.name!r}: the container's processes are not visible on this "
+                    "host (is the docker daemon remote?); use DockerFactory(exec_mode='api')"
                 )
+            pid = info["State"]["Pid"]
             assert self._home is not None
             self._channel = SpawnerChannel(
                 sandbox_name=spec.name,
@@ -495,6 +501,12 @@ class DockerSandbox:
         )
 
     async def _kill_api(self, exec_id: str) -> None:
+        """From the host when the daemon is local (works even when a fork bomb leaves no pid
+        for another exec), else with an exec that scans the container's /proc."""
+        if self._namespace is not None:
+            await anyio.to_thread.run_sync(kill_command, self._namespace, exec_id, self._init_pid)
+            return
+
         def kill() -> None:
             created = self._api.exec_create(self.container_id, kill_marked_argv(exec_id))
             self._api.exec_start(created["Id"])
@@ -618,6 +630,18 @@ class DockerSandbox:
             raise SandboxFileError(
                 f"sandbox {self.spec.name!r}: download {remote} failed: {exc}"
             ) from exc
+
+
+def _local_pid_namespace(info: dict) -> str | None:
+    """The pid namespace of a container whose pid 1 runs on this host, else None (a remote
+    daemon's pid may name an unrelated local process: the cgroup path must name the
+    container)."""
+    pid = info["State"].get("Pid") or 0
+    try:
+        cgroups = Path(f"/proc/{pid}/cgroup").read_text() if pid else ""
+    except OSError:
+        return None
+    return pid_namespace(pid) if info["Id"] in cgroups else None
 
 
 def _chunks(stream: Any) -> Iterator[bytes]:
