@@ -178,6 +178,19 @@ class AgentToolMessageEnv:
             return await self._finish(answers, StopReason.MAX_TURNS)
         return self._continue(answers)
 
+    async def finish(
+        self, stop_reason: StopReason, cut_message: Message | None = None
+    ) -> MessageStepResult:
+        """End the episode from outside (a token budget ran out) and compute its reward as if
+        it had ended here: ``reward_fn`` runs on the history, plus ``cut_message`` (the
+        assistant turn that was cut off mid-way, never run) when given."""
+        if self.done:
+            raise RuntimeError("AgentToolMessageEnv.finish() called after the episode ended")
+        if cut_message is not None:
+            self.messages.append(cut_message)
+            self.turns += 1
+        return await self._finish([], stop_reason)
+
     async def close(self) -> None:
         """Run ``on_close`` once (later calls do nothing)."""
         if self._closed:

@@ -4,7 +4,10 @@
 rendered prompt; after each sampled turn it parses the tokens, lets the message env answer, and
 observes only the new tokens (env messages + the next assistant header): the history is never
 re-tokenised. When the renderer says the template rewrote history (Qwen3 dropping old thinking),
-the observation is a full re-render with ``new_sequence=True``.
+the observation is a full re-render with ``new_sequence=True``. When a token budget ends the
+episode (``MAX_TOKENS``, ``CONTEXT_OVERFLOW``), a message env that has the optional
+``finish(stop_reason, cut_message)`` method is asked for the outcome (its reward, metrics, or
+failure): Harbor grades the sandbox however the agent stopped.
 
 ``run_episode`` drives one episode with any sampler callable and records the ``Trajectory``:
 mask 1 exactly on tokens the student sampled; prompt, env and forced-prefix tokens get 0.
@@ -23,6 +26,7 @@ from tool_use.trajectory import TokenSequence, Trajectory, Turn
 from tool_use.types import (
     Message,
     MessageEnv,
+    MessageStepResult,
     Observation,
     StepResult,
     StopReason,
@@ -110,7 +114,7 @@ class MessageTokenEnv:
             self.messages.append(message)
             clipped = self._turn_budget < self.max_tokens
             reason = StopReason.CONTEXT_OVERFLOW if clipped else StopReason.MAX_TOKENS
-            return _end(reason, message)
+            return await self._cut_off(reason, message, cut_message=message)
 
         result = await self.message_env.step(parsed)
         history = [*self.messages, message]
@@ -133,7 +137,9 @@ class MessageTokenEnv:
             tokens = self.renderer.render_continuation(history, result.messages, self.tools)
             observation = self._observe(tokens, new_sequence=False)
         if observation is None:
-            return _end(StopReason.CONTEXT_OVERFLOW, message, list(result.messages))
+            return await self._cut_off(
+                StopReason.CONTEXT_OVERFLOW, message, env_messages=list(result.messages)
+            )
         return StepResult(
             done=False,
             next_observation=observation,
@@ -144,6 +150,33 @@ class MessageTokenEnv:
 
     async def close(self) -> None:
         await self.message_env.close()
+
+    async def _cut_off(
+        self,
+        reason: StopReason,
+        message: Message,
+        *,
+        cut_message: Message | None = None,
+        env_messages: list[Message] | None = None,
+    ) -> StepResult:
+        """End the episode on a token budget. A message env with a ``finish`` method is asked
+        for the episode's outcome (a Harbor task is graded however the agent stopped); without
+        one the reward is 0."""
+        finish = getattr(self.message_env, "finish", None)
+        if finish is None:
+            return _end(reason, message, env_messages)
+        result: MessageStepResult = await finish(reason, cut_message)
+        stop_reason = result.stop_reason or reason
+        return StepResult(
+            done=True,
+            next_observation=None,
+            reward=result.reward,
+            stop_reason=stop_reason,
+            metrics={f"stop/{stop_reason}": 1.0, **result.metrics},
+            failure=result.failure,
+            message=message,
+            env_messages=env_messages or [],
+        )
 
     def _observe(self, tokens: list[int], *, new_sequence: bool) -> Observation | None:
         """The observation for ``tokens``, or None when no turn fits after them."""

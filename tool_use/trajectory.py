@@ -21,7 +21,8 @@ from tool_use.types import Message, StopReason, ToolSpec
 
 @dataclass
 class TokenSequence:
-    """One training sequence. All lists have the same length."""
+    """One training sequence. All lists have the same length (``teacher_logprobs`` is empty
+    until the sequence is scored)."""
 
     tokens: list[int] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
@@ -31,6 +32,10 @@ class TokenSequence:
     top-k/top-p and constraints); 0.0 where mask is 0."""
     model_logprobs: list[float] = field(default_factory=list)
     """The student model's own logprob (temperature 1, no filters); 0.0 where mask is 0."""
+    teacher_logprobs: list[float] = field(default_factory=list)
+    """The teacher's logprob of each student token (0.0 where mask is 0), once a teacher scored
+    the sequence; empty until then (and for runs without a teacher). For logs and the rollout
+    viewer: the trainer fills it in before writing rollouts."""
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -171,7 +171,11 @@ the reward cannot be computed (the episode is then invalid, never scored 0)."""
 
 @runtime_checkable
 class MessageEnv(Protocol):
-    """A message-level environment: the model speaks, the env answers with messages."""
+    """A message-level environment: the model speaks, the env answers with messages.
+
+    Optional: ``async finish(stop_reason, cut_message) -> MessageStepResult``, called by the
+    token env when a token budget ends the episode (``MAX_TOKENS``, ``CONTEXT_OVERFLOW``) so
+    the env can still grade it; envs without it get reward 0 then."""
 
     @property
     def tools(self) -> Sequence[ToolSpec]: ...
