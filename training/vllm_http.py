@@ -168,10 +168,12 @@ def sampling_payload(
     params: SamplingParams,
     *,
     bad_words: Sequence[str] = (),
+    stop_texts: Sequence[str] = (),
     seed: int | None = None,
 ) -> dict[str, Any]:
-    """Single-token stop sequences travel as ``stop_token_ids``; longer ones are enforced by
-    the caller (``truncate_at_stop``), since vLLM's ``stop`` strings work on text."""
+    """Single-token stop sequences travel as ``stop_token_ids``; longer ones as ``stop_texts``
+    (vLLM's ``stop`` works on text, so the caller also cuts at the token sequence itself with
+    ``truncate_at_stop``)."""
     payload: dict[str, Any] = {
         "model": model,
         "prompt": list(prompt),
@@ -187,6 +189,9 @@ def sampling_payload(
     }
     if bad_words:
         payload["bad_words"] = list(bad_words)
+    if stop_texts:
+        payload["stop"] = list(stop_texts)
+        payload["include_stop_str_in_output"] = True
     if seed is not None:
         payload["seed"] = seed
     return payload

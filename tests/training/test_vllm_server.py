@@ -92,6 +92,19 @@ async def test_server_sampler_returns_tokens_with_the_models_logprobs(
         gap = (scores.logprobs[len(prompt) :] - torch.tensor(out.model_logprobs)).abs()
         assert gap.mean() <= 0.1
         assert out.sampling_logprobs == out.model_logprobs  # temperature 1, no filters
+    # A multi-token stop sequence ends the turn right after it, and is kept.
+    stop = tuple(forced.tokens[len(envelope) + 2 : len(envelope) + 4])
+    sampler = VLLMServerSampler(vllm_server, SERVED_NAME, tokenizer=smollm2_tokenizer)
+    try:
+        cut = await sampler.sample(
+            prompt + list(envelope),
+            SamplingParams(max_tokens=20, temperature=0.0, stop_sequences=(stop,)),
+        )
+    finally:
+        await sampler.close()
+    free = forced.tokens[len(envelope) :]
+    end = next(i + 2 for i in range(len(free)) if tuple(free[i : i + 2]) == stop)
+    assert cut.tokens == free[:end] and cut.finish_reason == "stop"
     assert forced.num_forced == len(envelope) and tuple(forced.tokens[: len(envelope)]) == envelope
     assert forced.sampling_logprobs[: len(envelope)] == [0.0] * len(envelope)
     expected = local.score_sync([ScoreRequest(prompt + forced.tokens)])[0].logprobs

@@ -96,6 +96,7 @@ class VLLMServerSampler:
             [*prompt, *forced],
             _with_max_tokens(params, budget),
             bad_words=bad_words,
+            stop_texts=self._stop_texts(params),
             seed=self.seed,
         )
         if forced:
@@ -131,6 +132,13 @@ class VLLMServerSampler:
             finish_reason=reason,
             num_forced=len(forced),
         )
+
+    def _stop_texts(self, params: SamplingParams) -> list[str]:
+        """Multi-token stops as text, so the server stops there too (without a tokenizer it
+        decodes to ``max_tokens`` and the client cuts)."""
+        if self.tokenizer is None:
+            return []
+        return [self.tokenizer.decode(list(s)) for s in params.stop_sequences if len(s) > 1]
 
     def _bad_words(self, params: SamplingParams) -> list[str]:
         if params.tool_choice != "none":
