@@ -1,0 +1,1 @@
+"""Distillation recipes: ``python -m recipes.distillation.<recipe> key=value ...``."""

@@ -1,0 +1,199 @@
+"""What a run writes down: per-step metrics, rollouts, the config; progress bars.
+
+    <log_path>/config.json              the full resolved config
+    <log_path>/metrics.jsonl            one JSON object per step (and per eval)
+    <log_path>/rollouts/step_0003.jsonl the step's trajectories (``Trajectory.to_json``)
+    <log_path>/rollouts/eval_0003.jsonl evaluation episodes after 3 steps
+
+``rollout_metrics`` turns a batch of trajectories into the numbers every recipe logs: episodes
+(valid and invalid), ``failure/<kind>`` counts, ``stop/<reason>`` fractions, tokens (student /
+env), and per-episode means of what the envs measured (turns, tool calls, ``tool_error/<kind>``,
+parse errors, bash commands, ...). wandb is optional and imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tool_use.trajectory import Trajectory, write_jsonl
+from training.errors import TrainingError
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+ROLLOUTS_DIR = "rollouts"
+
+
+def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """Numbers about a batch of episodes (invalid ones included where it says so).
+
+    - ``episodes``, ``episodes/valid``, ``episodes/invalid``; ``failure/<kind>`` (counts);
+    - ``stop/<reason>``: fraction of all episodes that ended that way;
+    - ``tokens/student`` (sampled, mask 1) and ``tokens/env`` (prompt, tool results, forced
+      prefixes) summed over valid episodes; ``tokens/per_episode``;
+    - ``reward/mean`` over valid episodes;
+    - every other key an env reported (``turns``, ``tool_calls``, ``tool_error/<kind>``,
+      ``parse_errors``, ``bash/commands``, ...): its mean per valid episode, as ``env/<key>``.
+    """
+    total = len(trajectories)
+    valid = [t for t in trajectories if t.valid]
+    out: dict[str, float] = {
+        "episodes": float(total),
+        "episodes/valid": float(len(valid)),
+        "episodes/invalid": float(total - len(valid)),
+    }
+    stops: dict[str, float] = defaultdict(float)
+    sums: dict[str, float] = defaultdict(float)
+    for trajectory in trajectories:
+        for key, value in trajectory.metrics.items():
+            if key.startswith("failure/"):
+                out[key] = out.get(key, 0.0) + value
+        if trajectory.stop_reason is not None:
+            stops[f"stop/{trajectory.stop_reason}"] += 1.0
+    for trajectory in valid:
+        for key, value in trajectory.metrics.items():
+            if not key.startswith(("stop/", "failure/")):
+                sums[key] += value
+    for key, count in stops.items():
+        out[key] = count / max(total, 1)
+    for key, value in sums.items():
+        out[f"env/{key}"] = value / max(len(valid), 1)
+    student = sum(t.num_sampled_tokens for t in valid)
+    every = sum(len(seq) for t in valid for seq in t.sequences)
+    out["tokens/student"] = float(student)
+    out["tokens/env"] = float(every - student)
+    out["tokens/per_episode"] = every / max(len(valid), 1)
+    out["reward/mean"] = sum(t.reward for t in valid) / max(len(valid), 1)
+    return out
+
+
+def success_metrics(trajectories: Sequence[Trajectory], prefix: str = "eval/") -> dict[str, float]:
+    """Verifier outcomes: ``success_rate`` (fraction of valid episodes with reward 1) and
+    ``reward_mean``, with the rollout metrics under the same prefix."""
+    valid = [t for t in trajectories if t.valid]
+    solved = sum(1 for t in valid if t.reward >= 1.0 - 1e-9)
+    out = {
+        f"{prefix}{k}": v for k, v in rollout_metrics(trajectories).items() if k != "reward/mean"
+    }
+    out[f"{prefix}success_rate"] = solved / len(valid) if valid else math.nan
+    out[f"{prefix}reward_mean"] = sum(t.reward for t in valid) / len(valid) if valid else math.nan
+    return out
+
+
+def weighted_mean(parts: Iterable[tuple[Mapping[str, float], float]]) -> dict[str, float]:
+    """Average dicts of metrics, each weighted (e.g. by its micro-batch's token count)."""
+    sums: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
+    for metrics, weight in parts:
+        for key, value in metrics.items():
+            sums[key] += value * weight
+            weights[key] += weight
+    return {key: sums[key] / weights[key] for key in sums if weights[key] > 0}
+
+
+class Timer:
+    """Wall time per phase: ``with timer("rollout"): ...`` gives ``time/rollout``."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{phase}"
+            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - start
+
+
+def progress(total: int, desc: str, *, enabled: bool, unit: str = "it") -> tqdm:
+    """A transient progress bar (cleared when done), or a silent one when not ``enabled``."""
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not enabled)
+
+
+class RunLogger:
+    """Writes a run's log dir; mirrors metrics to wandb when ``wandb_project`` is set."""
+
+    def __init__(
+        self,
+        log_path: str | Path,
+        *,
+        wandb_project: str | None = None,
+        wandb_run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.log_path = Path(log_path)
+        self.log_path.mkdir(parents=True, exist_ok=True)
+        (self.log_path / ROLLOUTS_DIR).mkdir(exist_ok=True)
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as error:
+                raise TrainingError(
+                    f"wandb_project={wandb_project!r} needs the wandb package: "
+                    "pip install 'apprentice[wandb]' (or leave wandb_project unset)"
+                ) from error
+            self.wandb = wandb.init(
+                project=wandb_project,
+                name=wandb_run_name or self.log_path.name,
+                config=dict(config or {}),
+                dir=str(self.log_path),
+                resume="allow",
+            )
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.log_path / METRICS_FILE
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        (self.log_path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (a resumed run redoes them)."""
+        if not self.metrics_file.is_file():
+            return
+        kept = [
+            line
+            for line in self.metrics_file.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
+        with self.metrics_file.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(dict(metrics), step=step)
+
+    def write_rollouts(self, name: str, trajectories: Iterable[Trajectory]) -> Path:
+        path = self.log_path / ROLLOUTS_DIR / f"{name}.jsonl"
+        write_jsonl(path, trajectories)
+        return path
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def read_metrics(log_path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``, in order."""
+    path = Path(log_path) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plain(value: float) -> float | None:
+    """JSON has no NaN: missing values are written as null."""
+    value = float(value)
+    return value if math.isfinite(value) else None

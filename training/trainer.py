@@ -1,0 +1,547 @@
+"""The training loop: sample, score, loss, backward, step, log, eval, checkpoint.
+
+One step, as it reads in ``Trainer.step``::
+
+    builders = dataset.get_batch(step)                         env groups (one per task/prompt)
+    groups   = do_rollouts(builders, policy, renderer, ...)    all episodes concurrently
+    scored   = score_trajectories(teacher, trajectories, ...)  the teacher's view of each one
+    for micro_batch in pack(scored):                           loss -> backward (accumulated)
+        objective(StudentForward(model, micro_batch), micro_batch, token_count).loss.backward()
+    clip, optimizer.step(), scheduler.step(); sampler.update_weights(model)
+
+Every part is swappable through a small protocol: the dataset and its envs (``envs.types``),
+the ``Sampler`` and ``Teacher`` (``training.types``), the rollout ``Policy``
+(``training.rollouts``) and the ``Objective`` (``training.objectives``). The first
+``sft_warmup_steps`` steps can use a different policy (e.g. scripted demonstrations) with the
+SFT objective. Sampling and training alternate synchronously (the samples of a step always come
+from the weights the step updates); the seams to overlap them later are the policy (sample from
+a stale copy) and ``step``'s phases.
+
+Distillation has no reward: the teacher's per-token scores are the only signal. Parse errors,
+overflows and tool errors are metrics, never penalties. Invalid episodes (infrastructure
+failures) are counted and never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm.auto import tqdm
+
+from envs.types import Dataset
+from tool_use.renderers.base import Renderer
+from tool_use.trajectory import Trajectory
+from tool_use.types import ToolChoice
+from training import checkpoints
+from training.errors import CheckpointError
+from training.eval import evaluate
+from training.metrics import RunLogger, Timer, progress, rollout_metrics, weighted_mean
+from training.objectives import (
+    SFT,
+    LossName,
+    Objective,
+    StudentForward,
+    make_objective,
+    pack,
+)
+from training.rollouts import Policy, RolloutSettings, SamplerPolicy, do_rollouts
+from training.scoring import ScoredSequence, score_trajectories, unscored
+from training.types import Sampler, Teacher
+
+log = logging.getLogger(__name__)
+
+
+class TrainerConfig(BaseModel):
+    """Every knob of the training loop (recipes extend it with their models and envs)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    # ---- run ----
+    log_path: str | None = None
+    """The run's folder (config.json, metrics.jsonl, rollouts/, checkpoints/, export/).
+    Default: runs/<recipe>-<timestamp>."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps; None: one pass over the training dataset. More steps than the dataset has
+    batches start over from its first batch."""
+    seed: int = 0
+    """Seeds sampling, data order and adapter initialisation."""
+    resume: bool | Path = False
+    """true: continue from the newest checkpoint in log_path; PATH: from that checkpoint folder
+    or run folder (log_path defaults to that run). Restores weights, optimizer, scheduler, RNG
+    and data position."""
+
+    # ---- loss ----
+    loss: LossName = LossName.SAMPLED_REVERSE_KL
+    """sampled_reverse_kl (on-policy distillation) | jsd | topk_forward_kl | sft."""
+    kl_penalty_coef: float = 1.0
+    """Scale of the per-token reverse-KL advantage (sampled_reverse_kl)."""
+    kl_discount_factor: float = Field(0.0, ge=0.0, le=1.0)
+    """Credit each student token with the discounted KL of later student tokens (0: none)."""
+    clip_ratio: float | None = Field(None, gt=0.0, lt=1.0)
+    """PPO-style clipping of the importance ratio (sampled_reverse_kl); None: no clipping."""
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    """jsd: 0 forward KL(teacher||student), 1 reverse KL, in between the generalized JSD."""
+    top_k: int = Field(20, ge=0)
+    """Teacher alternatives per token for topk_forward_kl, and for jsd with a server teacher."""
+
+    # ---- sampling ----
+    temperature: float = Field(1.0, gt=0.0)
+    """Student sampling temperature (the losses use the same one)."""
+    max_tokens: int = Field(256, ge=1)
+    """Sampling budget of one assistant turn."""
+    max_trajectory_tokens: int | None = Field(2048, ge=2)
+    """Budget of one training sequence: prompt, env answers and samples."""
+    tool_choice: ToolChoice = "auto"
+    """auto | required (every turn opens a tool call: the sampler forces the renderer's
+    envelope prefix) | none."""
+
+    # ---- optimisation ----
+    learning_rate: float = Field(1e-4, gt=0.0)
+    """AdamW learning rate (after warmup)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After warmup: constant, or linear / cosine decay to 0 at max_steps."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warmup from 0."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    """Clip the gradient norm (None: no clipping)."""
+    microbatch_tokens: int = Field(4096, ge=1)
+    """Padded tokens per forward/backward; gradients are accumulated over the batch."""
+    sft_warmup_steps: int = Field(0, ge=0)
+    """First steps trained with SFT on demonstrations (the recipe's scripted policy) before the
+    chosen loss takes over."""
+
+    # ---- eval, checkpoints, logs ----
+    eval_every: int = Field(10, ge=0)
+    """Evaluate every this many steps (0: never mid-run); also before training and at the end."""
+    eval_before: bool = True
+    """Evaluate before the first step (skipped when resuming)."""
+    eval_temperature: float = Field(0.0, ge=0.0)
+    """Sampling temperature of eval episodes (0: greedy)."""
+    save_every: int = Field(10, ge=0)
+    """Checkpoint every this many steps (0: only at the end)."""
+    keep_last: int = Field(3, ge=1)
+    """Checkpoints kept (older ones are deleted)."""
+    export_merged: bool = False
+    """At the end, also export a merged model that transformers loads as is (LoRA runs always
+    export their adapter)."""
+    save_rollouts: bool = True
+    """Write each step's trajectories to rollouts/step_XXXX.jsonl."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs the wandb package)."""
+    wandb_run_name: str | None = None
+    """The wandb run's name (default: the log folder's name)."""
+    progress: bool = True
+    """Progress bars and one line per step on the terminal."""
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("true", "yes", "1"):
+                return True
+            if lowered in ("false", "no", "0", ""):
+                return False
+            return Path(value)
+        return value
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    log_path: Path
+    steps: int
+    checkpoint: Path | None
+    exported: dict[str, Path] = field(default_factory=dict)
+    history: dict[str, Any] = field(default_factory=dict)
+    """first/last teacher KL, eval before/after, ... (``Trainer.history``)."""
+
+
+StepCallback = Callable[[int, Mapping[str, float]], None]
+"""Called after each step with (steps done, the step's metrics)."""
+
+
+class Trainer:
+    """Owns the trainable model, its optimizer and schedule, and runs the loop.
+
+    ``model`` is trained in place (a peft model for LoRA, or a plain one); ``sampler`` samples
+    the student (usually from the same module), ``teacher`` scores under ``teacher_renderer``
+    (None: the student's rendering). ``demonstrations`` is the policy of the SFT warmup steps.
+    """
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        *,
+        model: torch.nn.Module,
+        renderer: Renderer,
+        sampler: Sampler,
+        teacher: Teacher | None,
+        dataset: Dataset,
+        log_path: str | Path,
+        teacher_renderer: Renderer | None = None,
+        eval_dataset: Dataset | None = None,
+        objective: Objective | None = None,
+        demonstrations: Policy | None = None,
+        tokenizer: Any = None,
+        full_vocabulary_teacher: bool = True,
+        run_config: Mapping[str, Any] | None = None,
+        callbacks: Sequence[StepCallback] = (),
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.renderer = renderer
+        self.sampler = sampler
+        self.teacher = teacher
+        self.teacher_renderer = teacher_renderer
+        self.dataset = dataset
+        self.eval_dataset = eval_dataset
+        self.tokenizer = tokenizer
+        self.callbacks = list(callbacks)
+        self.objective = objective or make_objective(
+            config.loss,
+            temperature=config.temperature,
+            kl_penalty_coef=config.kl_penalty_coef,
+            kl_discount_factor=config.kl_discount_factor,
+            clip_ratio=config.clip_ratio,
+            beta=config.beta,
+            top_k=config.top_k,
+            full_vocabulary=full_vocabulary_teacher,
+        )
+        if self.objective.teacher_request.needed and teacher is None:
+            raise ValueError(f"loss={config.loss} needs a teacher")
+        if config.sft_warmup_steps and demonstrations is None:
+            raise ValueError("sft_warmup_steps > 0 needs a demonstrations policy")
+        if len(dataset) == 0:
+            raise ValueError("the training dataset has no batches")
+        forced = len(renderer.tool_call_prefix)
+        if config.tool_choice == "required" and config.max_tokens <= forced:
+            raise ValueError(
+                f"max_tokens={config.max_tokens} leaves no room to sample with "
+                f"tool_choice=required: the forced tool-call prefix alone is {forced} tokens"
+            )
+        self.policy = SamplerPolicy(sampler, temperature=config.temperature)
+        self.eval_policy = SamplerPolicy(sampler, temperature=config.eval_temperature)
+        self.demonstrations = demonstrations
+        self.settings = RolloutSettings(
+            max_tokens=config.max_tokens,
+            max_trajectory_tokens=config.max_trajectory_tokens,
+            tool_choice=config.tool_choice,
+        )
+        self.max_steps = config.max_steps or len(dataset)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        if not self.parameters:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.log_path = Path(log_path)
+        self.run_config = dict(run_config or config.model_dump(mode="json"))
+        self.logger = RunLogger(
+            self.log_path,
+            wandb_project=config.wandb_project,
+            wandb_run_name=config.wandb_run_name,
+            config=self.run_config,
+        )
+        self.checkpointer = checkpoints.Checkpointer(
+            self.log_path, config.save_every, keep_last=config.keep_last
+        )
+        self.history: dict[str, Any] = {}
+        """Numbers the closing summary needs, kept across resumes (checkpoint metrics_state)."""
+        self.step_index = 0
+        """Steps completed."""
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def train(self) -> TrainResult:
+        """Run (or resume) to ``max_steps``; evaluate, checkpoint and export as configured."""
+        self.logger.write_config(self.run_config)
+        self._resume()
+        bar = tqdm(
+            total=self.max_steps,
+            initial=self.step_index,
+            desc="steps",
+            unit="step",
+            disable=not self.config.progress,
+        )
+        try:
+            if self.step_index == 0 and self.config.eval_before and self.eval_dataset:
+                eval_metrics = await self.evaluate(0)
+                self.logger.log(0, eval_metrics)
+            while self.step_index < self.max_steps:
+                metrics = await self.step(self.step_index)
+                self.step_index += 1
+                done = self.step_index
+                if self._eval_due(done):
+                    metrics.update(await self.evaluate(done))
+                self.logger.log(done, metrics)
+                self._remember(done, metrics)
+                self._print(done, metrics)
+                bar.update(1)
+                self.checkpointer.maybe_save(
+                    self._state(), self.model, self.optimizer, self.scheduler
+                )
+                for callback in self.callbacks:
+                    callback(done, metrics)
+            checkpoint = self.checkpointer.maybe_save(
+                self._state(), self.model, self.optimizer, self.scheduler, final=True
+            )
+            exported = self.export()
+        finally:
+            bar.close()
+            self.logger.close()
+        latest = checkpoint or self.checkpointer.latest()
+        result = TrainResult(self.log_path, self.step_index, latest, exported, dict(self.history))
+        paths = {"checkpoint": str(latest), **{k: str(v) for k, v in exported.items()}}
+        summary = json.dumps({**self.history, **paths}, indent=2)
+        (self.log_path / "summary.json").write_text(summary + "\n")
+        return result
+
+    async def step(self, step: int) -> dict[str, float]:
+        """One optimizer step on batch ``step``; returns its metrics."""
+        timer = Timer()
+        warmup = step < self.config.sft_warmup_steps
+        policy = self.demonstrations if warmup else self.policy
+        objective: Objective = SFT() if warmup else self.objective
+        assert policy is not None
+        self._reseed(step)
+        builders = self.dataset.get_batch(step % len(self.dataset))
+        with timer("rollout"):
+            groups = await do_rollouts(
+                builders, policy, self.renderer, self.settings, progress=self._bar("rollout")
+            )
+        trajectories = [t for group in groups for t in group.trajectories]
+        for trajectory in trajectories:
+            trajectory.metadata["step"] = step + 1
+        with timer("score"):
+            scored = await self.score(trajectories, objective)
+        with timer("train"):
+            train_metrics = self.update(scored, objective)
+        await self.sampler.update_weights(self.model)
+        if self.config.save_rollouts:
+            self.logger.write_rollouts(f"step_{step + 1:04d}", trajectories)
+        metrics = {
+            **rollout_metrics(trajectories),
+            **teacher_metrics(scored),
+            **train_metrics,
+            **timer.times,
+            "phase/sft_warmup": float(warmup),
+        }
+        metrics["time/step"] = sum(timer.times.values())
+        return metrics
+
+    async def score(
+        self, trajectories: Sequence[Trajectory], objective: Objective
+    ) -> list[ScoredSequence]:
+        """The teacher's scores of every valid sequence (none when the objective needs none)."""
+        request = objective.teacher_request
+        if not request.needed or self.teacher is None:
+            return unscored(trajectories)
+        return await score_trajectories(
+            self.teacher,
+            trajectories,
+            teacher_renderer=self.teacher_renderer,
+            student_renderer=self.renderer,
+            request=request,
+            progress=self.config.progress,
+        )
+
+    def update(self, scored: Sequence[ScoredSequence], objective: Objective) -> dict[str, float]:
+        """Accumulate the objective's gradients over micro-batches, clip, step."""
+        token_count = sum(s.num_student_tokens for s in scored)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if token_count == 0:
+            log.warning("no student tokens in this batch (every episode invalid?): no update")
+            self.scheduler.step()
+            return {"lr": lr, "train/skipped": 1.0}
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = pack(scored, self.config.microbatch_tokens)
+        parts: list[tuple[dict[str, float], float]] = []
+        total_loss = 0.0
+        bar = progress(len(batches), "train", enabled=self.config.progress, unit="mb")
+        try:
+            for batch in batches:
+                out = objective(StudentForward(self.model, batch), batch, token_count)
+                out.loss.backward()
+                total_loss += float(out.loss.detach())
+                named = {f"loss/{k}": v for k, v in out.metrics.items() if k != "tokens"}
+                parts.append(({**named, "entropy": out.entropy}, batch.num_student_tokens))
+                bar.update(1)
+        finally:
+            bar.close()
+        max_norm = self.config.max_grad_norm or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        return {
+            **weighted_mean(parts),
+            "loss": total_loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "train/microbatches": float(len(batches)),
+        }
+
+    async def evaluate(self, step: int) -> dict[str, float]:
+        """Eval metrics (``eval/...``) after ``step`` steps; writes rollouts/eval_XXXX.jsonl."""
+        if self.eval_dataset is None:
+            return {}
+        self._reseed(step, stream=1)
+        timer = Timer()
+        with timer("eval"):
+            metrics, trajectories = await evaluate(
+                self.eval_dataset,
+                self.eval_policy,
+                self.renderer,
+                self.settings,
+                progress=self.config.progress,
+            )
+        if self.config.save_rollouts:
+            self.logger.write_rollouts(f"eval_{step:04d}", trajectories)
+        key = "eval/success_rate"
+        if step == 0:
+            self.history["eval_before"] = metrics.get(key)
+        self.history["eval_after"] = metrics.get(key)
+        self.history["eval_after_step"] = step
+        if step == 0:
+            self._print(0, metrics)
+        return {**metrics, **timer.times}
+
+    def export(self) -> dict[str, Path]:
+        """The final weights: ``export/adapter`` (LoRA) and, when asked or for full
+        fine-tuning, ``export/merged``."""
+        out: dict[str, Path] = {}
+        is_lora = hasattr(self.model, "peft_config")
+        if is_lora:
+            out["adapter"] = checkpoints.export_adapter(
+                self.model, self.log_path / "export" / "adapter", self.tokenizer
+            )
+        if self.config.export_merged or not is_lora:
+            out["merged"] = checkpoints.export_merged(
+                self.model, self.log_path / "export" / "merged", self.tokenizer
+            )
+        return out
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _lr_factor(self, step: int) -> float:
+        warmup = self.config.warmup_steps
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if self.config.lr_schedule == "constant":
+            return 1.0
+        span = max(self.max_steps - warmup, 1)
+        progress_ = min(max(step - warmup, 0) / span, 1.0)
+        if self.config.lr_schedule == "linear":
+            return 1.0 - progress_
+        return 0.5 * (1.0 + math.cos(math.pi * progress_))
+
+    def _eval_due(self, done: int) -> bool:
+        if self.eval_dataset is None:
+            return False
+        every = self.config.eval_every
+        return done == self.max_steps or (every > 0 and done % every == 0)
+
+    def _reseed(self, step: int, stream: int = 0) -> None:
+        """Sampling draws depend only on (seed, step), so a resumed run samples what an
+        uninterrupted one would have."""
+        reseed = getattr(self.sampler, "reseed", None)
+        if reseed is not None:
+            reseed(self.config.seed * 1_000_003 + step * 2 + stream)
+
+    def _state(self) -> checkpoints.TrainingState:
+        return checkpoints.TrainingState(
+            step=self.step_index,
+            data_state={"next_batch": self.step_index},
+            metrics_state=dict(self.history),
+            config=self.run_config,
+        )
+
+    def _resume(self) -> None:
+        resume = self.config.resume
+        if resume is False:
+            return
+        source = self.log_path if resume is True else Path(resume)
+        try:
+            folder = checkpoints.resolve_checkpoint(source)
+        except CheckpointError:
+            if resume is True and checkpoints.latest_checkpoint(self.log_path) is None:
+                raise CheckpointError(
+                    f"resume=true: no checkpoint in {self.log_path / checkpoints.CHECKPOINTS}; "
+                    "set log_path to the folder of the run to continue, or resume=PATH"
+                ) from None
+            raise
+        state = checkpoints.load_checkpoint(folder, self.model, self.optimizer, self.scheduler)
+        self.step_index = state.step
+        self.history = dict(state.metrics_state)
+        changed = sorted(
+            key
+            for key in set(state.config) | set(self.run_config)
+            if key not in ("resume", "log_path", "max_steps", "progress")
+            and state.config.get(key) != self.run_config.get(key)
+        )
+        if changed:
+            log.warning("resuming %s with a changed config: %s", folder, ", ".join(changed))
+        self.logger.truncate_after(state.step)
+        log.info("resumed from %s after %d steps", folder, state.step)
+
+    def _remember(self, done: int, metrics: Mapping[str, float]) -> None:
+        kl = metrics.get("teacher_kl")
+        if kl is not None and math.isfinite(kl):
+            self.history.setdefault("teacher_kl_first", kl)
+            self.history.setdefault("teacher_kl_first_step", done)
+            self.history["teacher_kl_last"] = kl
+            self.history["teacher_kl_last_step"] = done
+        self.history["steps"] = done
+
+    def _bar(self, label: str) -> str | None:
+        return label if self.config.progress else None
+
+    def _print(self, done: int, metrics: Mapping[str, float]) -> None:
+        if not self.config.progress:
+            return
+        shown = [f"step {done}/{self.max_steps}"]
+        for key, label, fmt in (
+            ("teacher_kl", "kl", "{:.3f}"),
+            ("entropy", "entropy", "{:.2f}"),
+            ("loss/nll", "nll", "{:.3f}"),
+            ("episodes/valid", "valid", "{:.0f}"),
+            ("episodes/invalid", "invalid", "{:.0f}"),
+            ("env/tool_calls", "calls/ep", "{:.2f}"),
+            ("eval/success_rate", "eval success", "{:.2f}"),
+            ("time/rollout", "rollout", "{:.0f}s"),
+            ("time/score", "score", "{:.0f}s"),
+            ("time/train", "train", "{:.0f}s"),
+            ("time/eval", "eval", "{:.0f}s"),
+        ):
+            value = metrics.get(key)
+            if value is not None and math.isfinite(value):
+                shown.append(f"{label} {fmt.format(value)}")
+        tqdm.write("  ".join(shown))
+
+
+def teacher_metrics(scored: Sequence[ScoredSequence]) -> dict[str, float]:
+    """``teacher_kl``: the mean of (sampling logprob - teacher logprob) over student tokens, a
+    one-sample estimate of the per-token KL(student || teacher); absent without teacher scores."""
+    gaps, count = 0.0, 0
+    for sequence in scored:
+        if sequence.teacher_logprobs is None:
+            continue
+        mask = torch.tensor(sequence.mask, dtype=torch.bool)
+        sampling = torch.tensor(sequence.sampling_logprobs, dtype=torch.float64)
+        teacher = sequence.teacher_logprobs.double()
+        gaps += float((sampling - teacher)[mask].sum())
+        count += int(mask.sum())
+    return {"teacher_kl": gaps / count} if count else {}
