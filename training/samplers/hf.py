@@ -136,6 +136,11 @@ class HFSampler:
             self.active_episodes -= 1
             self._wake.set()
 
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling random stream (the trainer reseeds per step, so a resumed run
+        draws what an uninterrupted one would have). Call it between rollouts, not during."""
+        self._generator.manual_seed(seed)
+
     async def update_weights(self, model: torch.nn.Module) -> None:
         """Sample from ``model`` from now on (a no-op when it is the module already held)."""
         self.model = model
