@@ -14,6 +14,7 @@ Progress goes to stderr; the last line printed is one JSON object.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -106,6 +107,7 @@ def main(quick: bool = False) -> dict:
             print(key, results[key], file=sys.stderr, flush=True)
     return {
         "bench": "sampler",
+        "load_average_1m_end": round(os.getloadavg()[0], 2),
         "model": models.EMBEDDED_MODEL,
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),

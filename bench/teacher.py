@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import statistics
 import sys
@@ -53,13 +54,10 @@ def _naive(model, sequences: list[list[int]]) -> None:
         logprobs[:, :-1].gather(-1, ids[:, 1:, None])
 
 
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _local(sequences, quick: bool) -> dict[str, float]:
@@ -70,13 +68,15 @@ def _local(sequences, quick: bool) -> dict[str, float]:
         teacher = LocalTeacher(model, chunk_size=1024)
         requests = [ScoreRequest(s) for s in sequences]
         teacher.score_sync(requests[:1])  # warm-up
-        repeats = 1 if quick else 3
-        out[f"local_chunked_{dtype}_tok_s"] = tokens / _timed(
-            lambda t=teacher, r=requests: t.score_sync(r), repeats
-        )
-        out[f"local_naive_{dtype}_tok_s"] = tokens / _timed(
-            lambda m=model: _naive(m, sequences), repeats
-        )
+        runs = [  # interleaved, so load changes on a shared machine hit both alike
+            (
+                _timed(lambda t=teacher, r=requests: t.score_sync(r)),
+                _timed(lambda m=model: _naive(m, sequences)),
+            )
+            for _ in range(1 if quick else 3)
+        ]
+        out[f"local_chunked_{dtype}_tok_s"] = tokens / statistics.median(r[0] for r in runs)
+        out[f"local_naive_{dtype}_tok_s"] = tokens / statistics.median(r[1] for r in runs)
         print(dtype, out, file=sys.stderr, flush=True)
     return {k: round(v, 1) for k, v in out.items()}
 
@@ -126,6 +126,7 @@ def main(quick: bool = False, server: str | None = None) -> dict:
     batch, length = (2, 128) if quick else (8, 512)
     sequences = _sequences(tokenizer, batch, length)
     result: dict = {"bench": "teacher", "batch": batch, "length": length}
+    result["load_average_1m_start"] = round(os.getloadavg()[0], 2)
     result |= _local(sequences, quick)
     if server is None and not quick:
         script, process, url = _start_server()
@@ -135,6 +136,7 @@ def main(quick: bool = False, server: str | None = None) -> dict:
             script.stop(process)
     elif server is not None:
         result |= anyio.run(_server, server, sequences, 1 if quick else 3)
+    result["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     return result
 
 
