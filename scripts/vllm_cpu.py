@@ -16,6 +16,7 @@ foreground until interrupted. Tests import ``install``/``start``/``stop`` from t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import signal
@@ -61,6 +62,16 @@ def install(venv: Path | None = None, quiet: bool = False) -> Path:
     python = venv / "bin" / "python"
     if _stamp(venv).exists() and python.exists():
         return python
+    venv.mkdir(parents=True, exist_ok=True)
+    with open(venv / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent installers: one builds, the others wait
+        if _stamp(venv).exists() and python.exists():
+            return python
+        _build(venv, python, quiet)
+    return python
+
+
+def _build(venv: Path, python: Path, quiet: bool) -> None:
     base = shutil.which(PYTHON)
     if base is None:
         raise VLLMServerStartError(
@@ -86,7 +97,6 @@ def install(venv: Path | None = None, quiet: bool = False) -> Path:
     run(python, "-m", "pip", "uninstall", "--quiet", "-y", *UNWANTED)
     run(python, "-c", "import vllm.entrypoints.openai.api_server")
     _stamp(venv).touch()
-    return python
 
 
 def _models_answer(url: str) -> bool:
