@@ -2,9 +2,10 @@
 naive full-logits pass (fp32 and bf16), and the vLLM CPU server through
 ``VLLMServerTeacher``; plus the wire cost of the server's answers per scored token.
 
-Sequences are ``batch`` x ``length`` token windows of real chat text. ``naive`` materialises
+Sequences are ``batch`` x ``length`` token windows of agent-like text. ``naive`` materialises
 [B, T, V] logits and a full log-softmax, as a plain implementation would; ``chunked`` runs the
 decoder once and applies the LM head and log-softmax to ``chunk_size`` positions at a time.
+Peak memory above the loaded model (``*_extra_peak_mb``) is measured in a fresh process each.
 Wire bytes: vLLM's ``prompt_logprobs`` JSON (top-0 and top-5) against a plain JSON list of
 floats and raw float32. Usage::
 
@@ -21,6 +22,7 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,28 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _peak_rss_mb(method: str, dtype: str, batch: int, length: int) -> float:
+    """Peak resident memory of a fresh process that loads the model and scores once."""
+    code = (
+        "import resource, sys; from bench.teacher import _score_once; "
+        f"_score_once({method!r}, {dtype!r}, {batch}, {length}); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    return int(out.split()[-1]) / 1024
+
+
+def _score_once(method: str, dtype: str, batch: int, length: int) -> None:
+    model, tokenizer = models.load_frozen(models.EMBEDDED_MODEL, dtype=dtype, device="cpu")
+    sequences = _sequences(tokenizer, batch, length)
+    if method == "naive":
+        _naive(model, sequences)
+    elif method == "chunked":
+        LocalTeacher(model, chunk_size=1024).score_sync([ScoreRequest(s) for s in sequences])
+
+
 def _local(sequences, quick: bool) -> dict[str, float]:
     tokens = sum(len(s) for s in sequences)
     out: dict[str, float] = {}
@@ -77,6 +101,11 @@ def _local(sequences, quick: bool) -> dict[str, float]:
         ]
         out[f"local_chunked_{dtype}_tok_s"] = tokens / statistics.median(r[0] for r in runs)
         out[f"local_naive_{dtype}_tok_s"] = tokens / statistics.median(r[1] for r in runs)
+        batch, length = len(sequences), len(sequences[0])
+        base = _peak_rss_mb("load", dtype, batch, length)
+        for method in ("chunked", "naive"):
+            peak = _peak_rss_mb(method, dtype, batch, length)
+            out[f"local_{method}_{dtype}_extra_peak_mb"] = peak - base
         print(dtype, out, file=sys.stderr, flush=True)
     return {k: round(v, 1) for k, v in out.items()}
 
