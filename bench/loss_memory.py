@@ -20,25 +20,13 @@ The last line printed is one JSON object.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import os
-import resource
 import sys
 import time
 from typing import Any
 
+from bench.common import context, in_fresh_process, peak_rss_mb, rss_mb, run_main
+
 HIDDEN, VOCAB = 576, 49152
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _case(kind: str, chunked: bool, length: int, vocab: int, chunk_size: int) -> dict[str, Any]:
@@ -46,9 +34,9 @@ def _case(kind: str, chunked: bool, length: int, vocab: int, chunk_size: int) ->
     (lazy kernels, thread pools)."""
     _make_step(kind, chunked, max(length // 16, 1), vocab, max(chunk_size // 16, 1))()
     step = _make_step(kind, chunked, length, vocab, chunk_size)
-    baseline = _rss_mb()
+    baseline = rss_mb()
     grad = step()
-    peak = _peak_mb() - baseline
+    peak = peak_rss_mb() - baseline
     return {"peak_mb": round(peak, 1), "grad_checksum": float(grad.double().abs().sum())}
 
 
@@ -102,29 +90,17 @@ def _make_step(kind: str, chunked: bool, length: int, vocab: int, chunk_size: in
     return step
 
 
-def _in_child(fn: Any, *args: Any, low_mmap_threshold: bool) -> Any:
-    # For memory: large blocks straight from mmap and returned on free, so resident memory
-    # tracks live tensors. Not for timing: it adds page faults to every chunk's temporaries.
-    env = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)} if low_mmap_threshold else {}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(fn, args)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+# For memory: large blocks straight from mmap and returned on free, so resident memory tracks live
+# tensors. Not for timing: it adds page faults to every chunk's temporaries.
+LOW_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def _compare(kind: str, length: int, vocab: int, chunk_size: int) -> dict[str, Any]:
     rows = {}
     for name, chunked in (("naive", False), ("chunked", True)):
         args = (kind, chunked, length, vocab, chunk_size)
-        rows[name] = _in_child(_case, *args, low_mmap_threshold=True)
-        rows[name]["seconds"] = _in_child(_timing, *args, low_mmap_threshold=False)
+        rows[name] = in_fresh_process(_case, *args, env=LOW_MMAP_THRESHOLD)
+        rows[name]["seconds"] = in_fresh_process(_timing, *args)
     checksum_diff = abs(rows["naive"].pop("grad_checksum") - rows["chunked"].pop("grad_checksum"))
     return {
         "T": length,
@@ -136,8 +112,8 @@ def _compare(kind: str, length: int, vocab: int, chunk_size: int) -> dict[str, A
     }
 
 
-def main(argv: list[str]) -> dict[str, Any]:
-    quick = "quick" in argv
+def main(quick: bool = False) -> dict[str, Any]:
+    result = context("loss_memory", quick)
     if quick:
         logprobs = _compare("logprobs", 2048, 16384, 256)
         jsd = _compare("jsd", 512, 16384, 64)
@@ -152,9 +128,7 @@ def main(argv: list[str]) -> dict[str, Any]:
             f"({row['peak_ratio']:.0%} of naive peak)",
             file=sys.stderr,
         )
-    return {
-        "bench": "loss_memory",
-        "mode": "quick" if quick else "full",
+    return result | {
         "logprobs": logprobs,
         "jsd": jsd,
         "target": "logprobs chunked peak <= 25% of naive",
@@ -163,4 +137,4 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1:])))
+    run_main(main)

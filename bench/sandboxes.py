@@ -20,18 +20,14 @@ Progress goes to stderr; the last line on stdout is one JSON object.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
+from bench.common import context, log, run_main
 from sandboxes.docker import DockerFactory, docker_available
 from sandboxes.factory import make_factory
 from sandboxes.local import LocalFactory, bwrap_available
@@ -44,10 +40,6 @@ TARGETS = {
     "start_p50_s": 0.5,
     "concurrent_failures": 0,
 }
-
-
-def log(message: str) -> None:
-    print(f"[bench.sandboxes] {message}", file=sys.stderr, flush=True)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -124,46 +116,44 @@ async def concurrent(backend: str, n: int) -> dict[str, Any]:
         for i in range(n):
             group.start_soon(one, i)
     for failure in failures[:5]:
-        log(f"  failure: {failure}")
+        log("sandboxes", f"  failure: {failure}")
     return {"n": n, "wall_s": round(time.perf_counter() - start, 2), "failures": len(failures)}
 
 
-async def main(quick: bool) -> dict[str, Any]:
+def main(quick: bool = False) -> dict[str, Any]:
+    return anyio.run(run, quick)
+
+
+async def run(quick: bool) -> dict[str, Any]:
     n_fast, n_slow, n_start, n_many = (50, 10, 3, 64) if quick else (1000, 100, 20, 64)
-    results: dict[str, Any] = {
-        "bench": "sandboxes",
-        "mode": "quick" if quick else "full",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {os.cpu_count()} cpus {platform.machine()}",
-        "load_avg_start": os.getloadavg()[0],
-    }
+    results = context("sandboxes", quick)
     if (problem := bwrap_available()) is None:
         local = LocalFactory()
-        log(f"local exec x{n_fast}")
+        log("sandboxes", f"local exec x{n_fast}")
         results["local_exec"] = await exec_overhead(local, n_fast)
-        log(f"local start x{n_start}")
+        log("sandboxes", f"local start x{n_start}")
         results["local_start"] = await start_latency(local, n_start)
-        log(f"local {n_many} concurrent")
+        log("sandboxes", f"local {n_many} concurrent")
         results["local_concurrent"] = await concurrent("local", n_many)
     else:
         results["local_skipped"] = problem
     if (problem := docker_available()) is None:
         docker = DockerFactory()
-        log(f"docker exec x{n_fast}")
+        log("sandboxes", f"docker exec x{n_fast}")
         results["docker_exec"] = await exec_overhead(docker, n_fast)
-        log(f"docker exec API x{n_slow}")
+        log("sandboxes", f"docker exec API x{n_slow}")
         results["docker_api_exec"] = await exec_overhead(DockerFactory(exec_mode="api"), n_slow)
-        log(f"docker CLI baseline x{n_slow}")
+        log("sandboxes", f"docker CLI baseline x{n_slow}")
         results["docker_cli_exec"] = await cli_baseline(docker, n_slow)
-        log(f"docker start x{n_start}")
+        log("sandboxes", f"docker start x{n_start}")
         results["docker_start"] = await start_latency(docker, n_start)
-        log(f"docker {n_many} concurrent")
+        log("sandboxes", f"docker {n_many} concurrent")
         results["docker_concurrent"] = await concurrent("docker", n_many)
     else:
         results["docker_skipped"] = problem
-    results["load_avg_end"] = os.getloadavg()[0]
     results["targets"] = TARGETS
     results["met"] = check(results)
+    results["target_met"] = all(results["met"].values())
     return results
 
 
@@ -184,7 +174,4 @@ def check(results: dict[str, Any]) -> dict[str, bool]:
 
 
 if __name__ == "__main__":
-    quick = "quick" in sys.argv[1:]
-    outcome = anyio.run(main, quick)
-    print(json.dumps(outcome))
-    sys.exit(0 if all(outcome["met"].values()) else 1)
+    run_main(main)

