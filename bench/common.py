@@ -11,6 +11,7 @@ number is recorded next to the load it was measured under).
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -19,6 +20,7 @@ import resource
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,14 +99,18 @@ def in_fresh_process(
                 os.environ[key] = value
 
 
+def vllm_cpu_script() -> ModuleType:
+    """``scripts/vllm_cpu.py`` (install, start, stop the CPU vLLM server) as a module."""
+    spec = importlib.util.spec_from_file_location("vllm_cpu", REPO / "scripts" / "vllm_cpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def vllm_unavailable() -> str | None:
     """Why the CPU vLLM server cannot start here (None when its venv is installed)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import vllm_cpu
-    finally:
-        sys.path.pop(0)
-    venv = vllm_cpu.venv_dir()
+    venv = vllm_cpu_script().venv_dir()
     if (venv / "bin" / "python").exists() and any(venv.glob(".installed-*")):
         return None
     return (

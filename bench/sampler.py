@@ -13,14 +13,12 @@ Progress goes to stderr; the last line printed is one JSON object.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 
+from bench.common import context, log, run_main
 from training import models
 from training.samplers import HFSampler
 from training.types import SamplingParams
@@ -83,6 +81,7 @@ def _generate(model, tokenizer, prompts, new_tokens: int) -> float:
 
 
 def main(quick: bool = False) -> dict:
+    result = context("sampler", quick)
     tokenizer = models.load_tokenizer(models.EMBEDDED_MODEL)
     new_tokens = 16 if quick else 64
     repeats = 1 if quick else 3
@@ -104,10 +103,8 @@ def main(quick: bool = False) -> dict:
             plain = statistics.median(r[1] for r in runs)
             key = f"{dtype}_batch{batch}"
             results[key] = {"hf_sampler_tok_s": round(ours, 1), "generate_tok_s": round(plain, 1)}
-            print(key, results[key], file=sys.stderr, flush=True)
-    return {
-        "bench": "sampler",
-        "load_average_1m_end": round(os.getloadavg()[0], 2),
+            log("sampler", f"{key} {results[key]}")
+    return result | {
         "model": models.EMBEDDED_MODEL,
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
@@ -116,4 +113,4 @@ def main(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(quick="quick" in sys.argv[1:])))
+    run_main(main)

@@ -6,31 +6,37 @@ Sequences are ``batch`` x ``length`` token windows of agent-like text. ``naive``
 [B, T, V] logits and a full log-softmax, as a plain implementation would; ``chunked`` runs the
 decoder once and applies the LM head and log-softmax to ``chunk_size`` positions at a time.
 Peak memory above the loaded model (``*_extra_peak_mb``) is measured in a fresh process each.
-Wire bytes: vLLM's ``prompt_logprobs`` JSON (top-0 and top-5) against a plain JSON list of
-floats and raw float32. Usage::
+Wire bytes per scored token: our request (the token-id prompt as JSON) and vLLM's
+``prompt_logprobs`` answer (top-0 and top-5), against a plain JSON list of floats and raw
+float32. Usage::
 
     python -m bench.teacher [quick] [server=http://127.0.0.1:8000]
 
 Without ``server=``, the full run starts its own CPU server (``scripts/vllm_cpu.py``; about
-2 minutes) and quick mode skips the server. The last line printed is one JSON object.
+2 minutes), or skips it with the reason when the vLLM venv is missing (``make vllm-cpu``);
+quick mode skips the server. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import socket
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import anyio
 import httpx
 import torch
 
+from bench.common import (
+    context,
+    in_fresh_process,
+    log,
+    peak_rss_mb,
+    run_main,
+    vllm_cpu_script,
+    vllm_unavailable,
+)
 from training import models
 from training.teachers import LocalTeacher, VLLMServerTeacher
 from training.types import ScoreRequest
@@ -62,26 +68,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _peak_rss_mb(method: str, dtype: str, batch: int, length: int) -> float:
-    """Peak resident memory of a fresh process that loads the model and scores once."""
-    code = (
-        "import resource, sys; from bench.teacher import _score_once; "
-        f"_score_once({method!r}, {dtype!r}, {batch}, {length}); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    return int(out.split()[-1]) / 1024
-
-
-def _score_once(method: str, dtype: str, batch: int, length: int) -> None:
+def _score_once(method: str, dtype: str, batch: int, length: int) -> float:
+    """Load the model, score once with ``method`` (``load``: not at all); the peak RSS (run it
+    in a fresh process)."""
     model, tokenizer = models.load_frozen(models.EMBEDDED_MODEL, dtype=dtype, device="cpu")
     sequences = _sequences(tokenizer, batch, length)
     if method == "naive":
         _naive(model, sequences)
     elif method == "chunked":
         LocalTeacher(model, chunk_size=1024).score_sync([ScoreRequest(s) for s in sequences])
+    return peak_rss_mb()
 
 
 def _local(sequences, quick: bool) -> dict[str, float]:
@@ -102,11 +98,11 @@ def _local(sequences, quick: bool) -> dict[str, float]:
         out[f"local_chunked_{dtype}_tok_s"] = tokens / statistics.median(r[0] for r in runs)
         out[f"local_naive_{dtype}_tok_s"] = tokens / statistics.median(r[1] for r in runs)
         batch, length = len(sequences), len(sequences[0])
-        base = _peak_rss_mb("load", dtype, batch, length)
+        base = in_fresh_process(_score_once, "load", dtype, batch, length)
         for method in ("chunked", "naive"):
-            peak = _peak_rss_mb(method, dtype, batch, length)
+            peak = in_fresh_process(_score_once, method, dtype, batch, length)
             out[f"local_{method}_{dtype}_extra_peak_mb"] = peak - base
-        print(dtype, out, file=sys.stderr, flush=True)
+        log("teacher", f"{dtype} {out}")
     return {k: round(v, 1) for k, v in out.items()}
 
 
@@ -121,13 +117,15 @@ async def _server(url: str, sequences, repeats: int) -> dict[str, float]:
         await teacher.score(requests)
         times.append(time.perf_counter() - start)
     await teacher.close()
-    wire = {}
+    first = sequences[0]
+    request = json.dumps(scoring_payload(SERVED_NAME, first, 0))
+    wire = {"request_json_bytes_per_token": len(request) / len(first)}
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         for k in (0, 5):
             answer = await client.post(
-                "/v1/completions", json=scoring_payload(SERVED_NAME, sequences[0], k)
+                "/v1/completions", json=scoring_payload(SERVED_NAME, first, k)
             )
-            wire[f"vllm_json_top{k}_bytes_per_token"] = len(answer.content) / len(sequences[0])
+            wire[f"vllm_json_top{k}_bytes_per_token"] = len(answer.content) / len(first)
     floats = torch.randn(len(sequences[0])).tolist()
     wire["plain_json_floats_bytes_per_token"] = len(json.dumps(floats)) / len(floats)
     wire["float32_bytes_per_token"] = 4.0
@@ -137,10 +135,7 @@ async def _server(url: str, sequences, repeats: int) -> dict[str, float]:
 
 
 def _start_server():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "vllm_cpu.py"
-    spec = importlib.util.spec_from_file_location("vllm_cpu", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = vllm_cpu_script()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -151,25 +146,26 @@ def _start_server():
 
 
 def main(quick: bool = False, server: str | None = None) -> dict:
+    result = context("teacher", quick)
     tokenizer = models.load_tokenizer(models.EMBEDDED_MODEL)
     batch, length = (2, 128) if quick else (8, 512)
     sequences = _sequences(tokenizer, batch, length)
-    result: dict = {"bench": "teacher", "batch": batch, "length": length}
-    result["load_average_1m_start"] = round(os.getloadavg()[0], 2)
+    result |= {"batch": batch, "length": length}
     result |= _local(sequences, quick)
-    if server is None and not quick:
+    if server is not None:
+        result |= anyio.run(_server, server, sequences, 1 if quick else 3)
+    elif quick:
+        result["server_skipped"] = "quick mode starts no vLLM server (pass server=URL)"
+    elif (problem := vllm_unavailable()) is not None:
+        result["server_skipped"] = problem
+    else:
         script, process, url = _start_server()
         try:
             result |= anyio.run(_server, url, sequences, 3)
         finally:
             script.stop(process)
-    elif server is not None:
-        result |= anyio.run(_server, server, sequences, 1 if quick else 3)
-    result["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     return result
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    server = next((a.removeprefix("server=") for a in args if a.startswith("server=")), None)
-    print(json.dumps(main(quick="quick" in args, server=server)))
+    run_main(main)
