@@ -15,8 +15,8 @@ file is loaded; every problem is reported with ``file:line`` and the field.
 
 Each row becomes one message env with no tools and one turn (``AgentToolMessageEnv``,
 ``max_turns=1``), so the same trainer, rollouts and teacher view run them as Harbor episodes.
-The reward is exact match against ``expected_answer`` (see ``normalize_answer``) where the row
-has one, else 0; ``metadata`` carries the route (``teacher``), the row's source and whether it
+The reward is exact match against ``expected_answer`` (``exact_match``) where the row has one,
+else 0; ``metadata`` carries the route (``teacher``), the row's source and whether it
 is graded (``graded``).
 """
 
@@ -175,8 +175,20 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(response: str, expected: str) -> bool:
-    """``normalize_answer(extract_answer(response)) == normalize_answer(expected)``."""
-    return normalize_answer(extract_answer(response)) == normalize_answer(expected)
+    """Whether the response's answer is ``expected``, both normalised (``normalize_answer``).
+
+    The answer is the content of the last ``\boxed{...}`` when there is one; otherwise the whole
+    response matches, or its final words do (as many words as ``expected`` has): so
+    ``"18 + 40 = 58."`` matches ``58`` and ``"It is New York"`` matches ``new york``, but
+    ``"58 apples"`` does not match ``58``."""
+    want = normalize_answer(expected)
+    candidate = normalize_answer(extract_answer(response))
+    if candidate == want:
+        return True
+    if not want or _BOXED.search(response):
+        return False
+    words, count = candidate.split(" "), len(want.split(" "))
+    return len(words) > count and normalize_answer(" ".join(words[-count:])) == want
 
 
 def exact_match_reward(expected: str) -> RewardFn:

@@ -98,9 +98,15 @@ def test_trailing_assistant_messages_are_the_reference_response():
         ("So the result is \\boxed{42}.", "42", True),
         ("\\boxed{1} then \\boxed{7}", "7", True),
         ("１２", "12", True),  # NFKC: full-width digits
+        ("18 + 40 = 58.", "58", True),  # the final word
+        ("The capital of France is Paris!", "Paris", True),
+        ("I think it is New  York.", "new york", True),  # as many final words as expected
         ("12 apples", "12", False),
         ("121", "12", False),
+        ("5 + 7 = 12", "7 = 12", True),
+        ("\\boxed{11} so maybe 12", "12", False),  # a boxed answer is the answer
         ("", "0", False),
+        ("anything", "", False),
     ],
 )
 def test_exact_match_normalisation(response, expected, match):
