@@ -24,6 +24,7 @@ failures) are counted and never trained on.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -54,9 +55,13 @@ from training.objectives import (
 )
 from training.rollouts import Policy, RolloutSettings, SamplerPolicy, do_rollouts
 from training.scoring import ScoredSequence, score_trajectories, unscored
+from training.teachers import LocalTeacher
 from training.types import Sampler, Teacher
 
 log = logging.getLogger(__name__)
+
+WARMUP_DIR = "warmup"
+"""Where a run with ``teacher_from_warmup`` keeps the warm-started student's weights."""
 
 
 class TrainerConfig(BaseModel):
@@ -119,6 +124,10 @@ class TrainerConfig(BaseModel):
     sft_warmup_steps: int = Field(0, ge=0)
     """First steps trained with SFT on demonstrations (the recipe's scripted policy) before the
     chosen loss takes over."""
+    teacher_from_warmup: bool = False
+    """After the SFT warm start, the teacher is a frozen copy of the warm-started student, still
+    scoring under the privileged prompts (self-distillation with privileged information): for
+    teachers that cannot act in the env's format on their own. Saved to warmup/ for resumes."""
 
     # ---- eval, checkpoints, logs ----
     eval_every: int = Field(10, ge=0)
@@ -219,7 +228,13 @@ class Trainer:
             top_k=config.top_k,
             full_vocabulary=full_vocabulary_teacher,
         )
-        if self.objective.teacher_request.needed and teacher is None:
+        if config.teacher_from_warmup and not config.sft_warmup_steps:
+            raise ValueError("teacher_from_warmup=true needs sft_warmup_steps > 0")
+        if (
+            self.objective.teacher_request.needed
+            and teacher is None
+            and not config.teacher_from_warmup
+        ):
             raise ValueError(f"loss={config.loss} needs a teacher")
         if config.sft_warmup_steps and demonstrations is None:
             raise ValueError("sft_warmup_steps > 0 needs a demonstrations policy")
@@ -268,7 +283,7 @@ class Trainer:
     async def train(self) -> TrainResult:
         """Run (or resume) to ``max_steps``; evaluate, checkpoint and export as configured."""
         self.logger.write_config(self.run_config)
-        self._resume()
+        await self._resume()
         bar = tqdm(
             total=self.max_steps,
             initial=self.step_index,
@@ -284,6 +299,8 @@ class Trainer:
                 metrics = await self.step(self.step_index)
                 self.step_index += 1
                 done = self.step_index
+                if self.config.teacher_from_warmup and done == self.config.sft_warmup_steps:
+                    await self._teacher_from_warmup(save=True)
                 if self._eval_due(done):
                     metrics.update(await self.evaluate(done))
                 self.logger.log(done, metrics)
@@ -410,11 +427,12 @@ class Trainer:
             )
         if self.config.save_rollouts:
             self.logger.write_rollouts(f"eval_{step:04d}", trajectories)
-        key = "eval/success_rate"
+        rate = metrics.get("eval/success_rate")
         if step == 0:
-            self.history["eval_before"] = metrics.get(key)
-        self.history["eval_after"] = metrics.get(key)
+            self.history["eval_before"] = rate
+        self.history["eval_after"] = rate
         self.history["eval_after_step"] = step
+        self.history["evals"] = [*self.history.get("evals", []), [step, rate]]
         if step == 0:
             self._print(0, metrics)
         return {**metrics, **timer.times}
@@ -469,7 +487,7 @@ class Trainer:
             config=self.run_config,
         )
 
-    def _resume(self) -> None:
+    async def _resume(self) -> None:
         resume = self.config.resume
         if resume is False:
             return
@@ -495,7 +513,30 @@ class Trainer:
         if changed:
             log.warning("resuming %s with a changed config: %s", folder, ", ".join(changed))
         self.logger.truncate_after(state.step)
+        warmup = self.config.sft_warmup_steps
+        if self.config.teacher_from_warmup and state.step >= warmup:
+            await self._teacher_from_warmup(save=False)
         log.info("resumed from %s after %d steps", folder, state.step)
+
+    async def _teacher_from_warmup(self, *, save: bool) -> None:
+        """Make a frozen copy of the warm-started student the teacher. ``save``: write the
+        warm-start weights to ``warmup/`` first; else (resuming) read them back from there."""
+        folder = self.log_path / WARMUP_DIR
+        is_lora = hasattr(self.model, "peft_config")
+        if save:
+            export = checkpoints.export_adapter if is_lora else checkpoints.export_merged
+            export(self.model, folder, self.tokenizer)
+        frozen = copy.deepcopy(self.model)
+        if not save:
+            _load_weights_into(frozen, folder, is_lora)
+        if is_lora:
+            frozen = frozen.merge_and_unload()
+        frozen.eval().requires_grad_(False)
+        if self.teacher is not None:
+            await self.teacher.close()
+        self.teacher = LocalTeacher(frozen, self.tokenizer, name="warm-started student")
+        self.teacher_renderer = self.renderer
+        log.info("the teacher is now the warm-started student (weights in %s)", folder)
 
     def _remember(self, done: int, metrics: Mapping[str, float]) -> None:
         kl = metrics.get("teacher_kl")
@@ -530,6 +571,26 @@ class Trainer:
             if value is not None and math.isfinite(value):
                 shown.append(f"{label} {fmt.format(value)}")
         tqdm.write("  ".join(shown))
+
+
+def _load_weights_into(model: torch.nn.Module, folder: Path, is_lora: bool) -> None:
+    """Weights exported by ``export_adapter`` / ``export_merged`` into a model of the same
+    shape."""
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{folder} is missing: a run with teacher_from_warmup saves the warm-started "
+            "student there when the warm start ends; it cannot resume without it"
+        )
+    if is_lora:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict())
 
 
 def teacher_metrics(scored: Sequence[ScoredSequence]) -> dict[str, float]:

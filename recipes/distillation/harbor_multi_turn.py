@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -51,6 +51,9 @@ RECIPE = "harbor_multi_turn"
 
 class Config(TrainerConfig, RecipeConfig):
     """Multi-turn on-policy distillation on Harbor tasks."""
+
+    recipe_name: ClassVar[str] = RECIPE
+    """Names the default log folder: runs/<recipe_name>-<timestamp>."""
 
     # ---- models ----
     model_name: str = models.EMBEDDED_MODEL
@@ -190,7 +193,7 @@ def default_log_path(config: Config) -> Path:
     if isinstance(config.resume, Path):
         resume = config.resume
         return resume.parent.parent if (resume / "state.json").is_file() else resume
-    return Path("runs") / f"{RECIPE}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{config.recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def build_trainer(config: Config) -> Trainer:
@@ -215,7 +218,10 @@ def build_trainer(config: Config) -> Trainer:
         )
         model = models.load_model(config.model_name, dtype=config.dtype, lora=lora)
         renderer = get_renderer(config.renderer, tokenizer)
-        teacher, teacher_renderer, full = load_teacher(config, tokenizer)
+        if config.teacher_from_warmup:  # the warm-started student will be the teacher
+            teacher, teacher_renderer, full = None, None, True
+        else:
+            teacher, teacher_renderer, full = load_teacher(config, tokenizer)
     except (ModelLoadError, VocabularyMismatchError, RendererError) as error:
         raise ConfigError(str(error)) from None
     demonstrations = (
@@ -255,21 +261,21 @@ async def main(config: Config) -> TrainResult:
 
 
 def summary(result: TrainResult) -> str:
-    """The closing lines: teacher KL first -> last step, eval success before -> after, where
-    the checkpoint, export and logs are."""
+    """The closing lines: teacher KL first -> last step, eval success before -> after (and in
+    between), where the checkpoint, export and logs are."""
     h = result.history
 
-    def num(key: str) -> str:
-        value = h.get(key)
+    def num(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
+    evals = "  ->  ".join(f"step {step}: {num(rate)}" for step, rate in h.get("evals", []))
     lines = [
         "",
         f"Done: {result.steps} steps.",
-        f"  teacher KL   step {h.get('teacher_kl_first_step', '-')}: {num('teacher_kl_first')}"
-        f"  ->  step {h.get('teacher_kl_last_step', '-')}: {num('teacher_kl_last')}",
-        f"  eval success before: {num('eval_before')}  ->  after "
-        f"{h.get('eval_after_step', '-')} steps: {num('eval_after')}",
+        f"  teacher KL   step {h.get('teacher_kl_first_step', '-')}: "
+        f"{num(h.get('teacher_kl_first'))}  ->  step {h.get('teacher_kl_last_step', '-')}: "
+        f"{num(h.get('teacher_kl_last'))}",
+        f"  eval success {evals or 'n/a'}",
         f"  logs:        {result.log_path} (metrics.jsonl, rollouts/, config.json)",
         f"  checkpoint:  {result.checkpoint}",
     ]
@@ -277,6 +283,18 @@ def summary(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def quiet_libraries() -> None:
+    """Terminal output for people: no per-file loading bars from transformers, no deprecation
+    noise from peft's use of transformers."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    quiet_libraries()
     run_cli(main, Config)

@@ -98,7 +98,7 @@ def test_end_to_end_on_tiny_models_and_bundled_tasks(tiny_dirs, tmp_path, capsys
     assert merged.config.vocab_size == 49152
 
     out = capsys.readouterr().out
-    assert "teacher KL" in out and "eval success before" in out and str(tmp_path) in out
+    assert "teacher KL" in out and "eval success step 0: " in out and str(tmp_path) in out
 
 
 def test_reference_demonstrations_solve_their_tasks(smollm2_tokenizer):

@@ -171,7 +171,8 @@ def make_trainer(make_tiny_model, tokenizer, renderer, log_path, dataset, **over
         model=model,
         tokenizer=tokenizer,
         renderer=renderer,
-        sampler=HFSampler(model, tokenizer, seed=config.seed),
+        # a long window: a batch starts once every episode waits, however loaded the machine
+        sampler=HFSampler(model, tokenizer, seed=config.seed, batch_window_s=60.0),
         teacher=teacher,
         teacher_renderer=renderer,
         dataset=dataset,
@@ -286,11 +287,6 @@ def test_every_loss_trains(make_tiny_model, smollm2_tokenizer, renderer, tmp_pat
 
 
 def test_sft_warmup_then_distillation(make_tiny_model, smollm2_tokenizer, renderer, tmp_path):
-    def script(env):
-        word = env.metadata["task"]
-        call = ToolCall(id="c", name="shout", arguments=json.dumps({"text": word}))
-        return [Message(role="assistant", content="", tool_calls=[call])]
-
     trainer = make_trainer(
         make_tiny_model,
         smollm2_tokenizer,
@@ -300,7 +296,7 @@ def test_sft_warmup_then_distillation(make_tiny_model, smollm2_tokenizer, render
         max_steps=3,
         sft_warmup_steps=2,
         max_tokens=40,
-        demonstrations=ScriptedPolicy(script, renderer),
+        demonstrations=ScriptedPolicy(shout_script, renderer),
     )
     result = anyio.run(trainer.train)
     warm1, warm2, opd = read_metrics(tmp_path)
@@ -314,6 +310,38 @@ def test_sft_warmup_then_distillation(make_tiny_model, smollm2_tokenizer, render
         for t in demos
     )
     assert result.history["teacher_kl_first_step"] == 3
+
+
+def test_the_warm_started_student_becomes_the_teacher(
+    make_tiny_model, smollm2_tokenizer, renderer, tmp_path
+):
+    trainer = make_trainer(
+        make_tiny_model,
+        smollm2_tokenizer,
+        renderer,
+        tmp_path,
+        shout_dataset(2),
+        max_steps=2,
+        sft_warmup_steps=1,
+        teacher_from_warmup=True,
+        max_tokens=40,
+        demonstrations=ScriptedPolicy(shout_script, renderer),
+    )
+    warm = {}
+    trainer.callbacks.append(lambda done, m: warm.setdefault(done, lora_weights(trainer.model)))
+    anyio.run(trainer.train)
+    _, opd = read_metrics(tmp_path)
+    assert math.isfinite(opd["teacher_kl"])
+    assert trainer.teacher.name == "warm-started student"
+    # the teacher holds the student's weights as they were when the warm start ended
+    assert (tmp_path / "warmup" / "adapter_config.json").is_file()
+    reference = PeftModel.from_pretrained(make_tiny_model(seed=1), tmp_path / "warmup")
+    for name, value in lora_weights(reference).items():
+        torch.testing.assert_close(value, warm[1][name], rtol=0, atol=0)
+    ids = torch.tensor([smollm2_tokenizer.encode("Shout the word alpha.")])
+    with torch.no_grad():
+        expected = reference.merge_and_unload()(ids).logits
+        torch.testing.assert_close(trainer.teacher.model(ids).logits, expected)
 
 
 def test_invalid_episodes_are_counted_and_never_trained_on(
@@ -341,8 +369,15 @@ def test_invalid_episodes_are_counted_and_never_trained_on(
     assert "grad_norm" not in dead and "teacher_kl" not in dead
 
 
+def shout_script(env):
+    word = env.metadata["task"]
+    call = ToolCall(id="c", name="shout", arguments=json.dumps({"text": word}))
+    return [Message(role="assistant", content="", tool_calls=[call])]
+
+
+@pytest.mark.parametrize("warm_teacher", [False, True], ids=["plain", "teacher_from_warmup"])
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(
-    make_tiny_model, smollm2_tokenizer, renderer, tmp_path
+    make_tiny_model, smollm2_tokenizer, renderer, tmp_path, warm_teacher
 ):
     options = dict(
         max_steps=4,
@@ -353,6 +388,13 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(
         eval_dataset=shout_dataset(1, size=1),
         eval_every=2,
     )
+    if warm_teacher:  # SFT for 1 step, then the warm-started student is the teacher
+        options.update(
+            sft_warmup_steps=1,
+            teacher_from_warmup=True,
+            max_tokens=40,
+            demonstrations=ScriptedPolicy(shout_script, renderer),
+        )
 
     straight = make_trainer(
         make_tiny_model, smollm2_tokenizer, renderer, tmp_path / "a", shout_dataset(), **options
@@ -408,7 +450,11 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(
 
 @pytest.mark.slow
 def test_teacher_kl_falls_on_a_fixed_set_with_the_embedded_model(embedded_model_dir, tmp_path):
-    """SmolLM2 learns from a privileged SmolLM2 teacher (told the answer) on one fixed prompt."""
+    """SmolLM2 learns from a privileged SmolLM2 teacher (told the answer) on one fixed prompt.
+
+    The loss is the reverse KL over the full vocabulary (``jsd`` with ``beta=1``): the sampled
+    estimate (``sampled_reverse_kl``) is unbiased but needs more samples per step than a test
+    this size affords to fall clearly within a few steps."""
     tokenizer = models.load_tokenizer(embedded_model_dir)
     renderer = get_renderer(None, tokenizer)
     torch.manual_seed(0)
@@ -417,29 +463,32 @@ def test_teacher_kl_falls_on_a_fixed_set_with_the_embedded_model(embedded_model_
     )
     teacher_model, _ = models.load_frozen(embedded_model_dir, dtype="fp32", device="cpu")
 
-    class Capital:
+    class Fruit:
         async def make_envs(self):
-            question = "What is the capital of France? Answer with one word."
-            hint = question + " (The answer is Paris.)"
+            ask = "Name a fruit."
             return [
                 AgentToolMessageEnv(
-                    initial_messages=[Message(role="user", content=question)],
-                    teacher_messages=[Message(role="user", content=hint)],
+                    initial_messages=[Message(role="user", content=ask)],
+                    teacher_messages=[
+                        Message(role="user", content=ask + " Answer with exactly one word: Banana")
+                    ],
                     max_turns=1,
                 )
-                for _ in range(4)
+                for _ in range(8)
             ]
 
         async def compute_group_rewards(self, trajectories):
             return [0.0] * len(trajectories)
 
         def logging_tags(self):
-            return ["capital"]
+            return ["fruit"]
 
     config = TrainerConfig(
-        max_steps=6,
-        max_tokens=16,
-        learning_rate=2e-3,
+        max_steps=8,
+        max_tokens=6,
+        loss="jsd",
+        beta=1.0,
+        learning_rate=1e-3,
         eval_every=0,
         save_every=0,
         progress=False,
@@ -450,16 +499,16 @@ def test_teacher_kl_falls_on_a_fixed_set_with_the_embedded_model(embedded_model_
         model=student,
         tokenizer=tokenizer,
         renderer=renderer,
-        sampler=HFSampler(student, tokenizer, seed=0),
+        sampler=HFSampler(student, tokenizer, seed=0, batch_window_s=60.0),
         teacher=LocalTeacher(teacher_model, tokenizer),
         teacher_renderer=renderer,
-        dataset=ListDataset([lambda: [Capital(), Capital()]]),
+        dataset=ListDataset([lambda: [Fruit()]]),
         log_path=tmp_path,
     )
     anyio.run(trainer.train)
     kl = [r["teacher_kl"] for r in read_metrics(tmp_path)]
-    assert len(kl) == 6
-    assert sum(kl[-2:]) / 2 < 0.7 * sum(kl[:2]) / 2, kl
+    assert len(kl) == 8
+    assert sum(kl[-2:]) / 2 < 0.6 * sum(kl[:2]) / 2, kl
 
 
 def test_trainer_refuses_a_budget_the_forced_prefix_fills(
