@@ -76,15 +76,18 @@ def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
 
 
 def success_metrics(trajectories: Sequence[Trajectory], prefix: str = "eval/") -> dict[str, float]:
-    """Verifier outcomes: ``success_rate`` (fraction of valid episodes with reward 1) and
-    ``reward_mean``, with the rollout metrics under the same prefix."""
-    valid = [t for t in trajectories if t.valid]
-    solved = sum(1 for t in valid if t.reward >= 1.0 - 1e-9)
+    """Verifier outcomes: ``success_rate`` (fraction of graded valid episodes with reward 1)
+    and ``reward_mean``, with the rollout metrics under the same prefix. Episodes whose
+    ``metadata["graded"]`` is False (prompt rows without an expected answer) are not graded."""
+    graded = [t for t in trajectories if t.valid and t.metadata.get("graded", True)]
+    solved = sum(1 for t in graded if t.reward >= 1.0 - 1e-9)
     out = {
         f"{prefix}{k}": v for k, v in rollout_metrics(trajectories).items() if k != "reward/mean"
     }
-    out[f"{prefix}success_rate"] = solved / len(valid) if valid else math.nan
-    out[f"{prefix}reward_mean"] = sum(t.reward for t in valid) / len(valid) if valid else math.nan
+    out[f"{prefix}success_rate"] = solved / len(graded) if graded else math.nan
+    out[f"{prefix}reward_mean"] = (
+        sum(t.reward for t in graded) / len(graded) if graded else math.nan
+    )
     return out
 
 

@@ -14,6 +14,8 @@ tokens of the micro-batch.
                             (local teacher) or the teacher's top-K plus a tail bucket (server)
     ``topk_forward_kl``     SDFT: forward KL to the teacher's renormalised top-K
     ``sft``                 cross-entropy on the sequence's own tokens (demonstrations)
+    ``PolicyGradient``      RL (``recipes.harbor_rl``): group-centred rewards as advantages,
+                            importance-sampled (optionally clipped)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from tool_use.trajectory import Trajectory
 from training import losses
 from training.scoring import ScoredSequence, TeacherRequest
 
@@ -56,6 +59,8 @@ class MicroBatch:
     topk_ids: torch.Tensor | None
     topk_logprobs: torch.Tensor | None
     full_logits: torch.Tensor | None
+    advantages: torch.Tensor | None = None
+    """[B]: each sequence's episode advantage (RL)."""
 
     @property
     def num_student_tokens(self) -> int:
@@ -108,6 +113,7 @@ def _collate(group: Sequence[ScoredSequence]) -> MicroBatch:
         cat("topk_ids"),
         cat("topk_logprobs"),
         cat("full_logits"),
+        torch.tensor([s.advantage for s in group], dtype=torch.float32),
     )
 
 
@@ -169,7 +175,11 @@ class ObjectiveOutput:
 
 
 class Objective(Protocol):
-    """Turns a micro-batch into a loss. ``teacher_request`` says what scoring must provide."""
+    """Turns a micro-batch into a loss. ``teacher_request`` says what scoring must provide.
+
+    Optional: ``prepare(trajectories)``, called by the trainer on each batch's trajectories
+    before scoring, for quantities that need the whole batch (``PolicyGradient``: advantages
+    centred within each task's group)."""
 
     teacher_request: TeacherRequest
 
@@ -309,6 +319,53 @@ class SFT:
         current = student.logprobs()
         result = losses.sft_loss(
             current.logprobs, batch.mask.to(current.logprobs.device), token_count=token_count
+        )
+        return ObjectiveOutput(
+            result.loss, result.metrics, _mean_entropy(current.entropy, batch.mask)
+        )
+
+
+@dataclass
+class PolicyGradient:
+    """RL with verifier rewards (``losses.policy_gradient_loss``): every student token of an
+    episode gets the episode's advantage, its reward minus the mean reward of its group (the
+    episodes of one task in the batch, ``metadata["group"]``), divided by the group's standard
+    deviation with ``normalize_std``; the ratio to the sampling distribution is importance-
+    sampled (PPO-clipped with ``clip_ratio``)."""
+
+    clip_ratio: float | None = None
+    temperature: float = 1.0
+    """The sampling temperature: the current logprobs are taken under the same distribution."""
+    normalize_std: bool = False
+    teacher_request: ClassVar[TeacherRequest] = TeacherRequest(needed=False)
+
+    def prepare(self, trajectories: Sequence[Trajectory]) -> None:
+        """Write each valid episode's advantage into ``metadata["advantage"]``."""
+        valid = [t for t in trajectories if t.valid]
+        if not valid:
+            return
+        rewards = torch.tensor([t.reward for t in valid], dtype=torch.float64)
+        groups = torch.tensor([int(t.metadata.get("group", i)) for i, t in enumerate(valid)])
+        advantages = losses.group_centered_advantages(
+            rewards, groups, normalize_std=self.normalize_std
+        )
+        for trajectory, advantage in zip(valid, advantages.tolist(), strict=True):
+            trajectory.metadata["advantage"] = advantage
+
+    def __call__(
+        self, student: StudentForward, batch: MicroBatch, token_count: float
+    ) -> ObjectiveOutput:
+        if batch.advantages is None:
+            raise ValueError("policy_gradient needs advantages: call prepare on the batch first")
+        current = student.logprobs(self.temperature)
+        device = current.logprobs.device
+        result = losses.policy_gradient_loss(
+            current.logprobs,
+            batch.sampling_logprobs.to(device),
+            batch.advantages.to(device),
+            batch.mask.to(device),
+            clip_ratio=self.clip_ratio,
+            token_count=token_count,
         )
         return ObjectiveOutput(
             result.loss, result.metrics, _mean_entropy(current.entropy, batch.mask)

@@ -5,13 +5,16 @@ own renderer, the privileged prompt when the env gave ``teacher_messages``, the 
 sampled tokens copied verbatim). The teacher scores it once (a prefill); the answers are mapped
 back onto the student's positions. The result, a ``ScoredSequence`` per student sequence, holds
 everything a loss needs: tokens, mask, sampling logprobs, teacher logprobs and, when the loss
-asks, the teacher's top-K or full distribution at the student's tokens.
+asks, the teacher's top-K or full distribution at the student's tokens. A teacher that scores
+whole trajectories itself (``TrajectoryTeacher``: several teachers, ``training.teachers.multi``)
+is handed the batch as it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
@@ -52,11 +55,34 @@ class ScoredSequence:
     """[N, K]."""
     full_logits: torch.Tensor | None = None
     """[N, V]."""
+    advantage: float = 0.0
+    """The episode's advantage (RL: ``metadata["advantage"]``, set by the objective's
+    ``prepare``); 0.0 for distillation."""
     metadata: dict = field(default_factory=dict)
 
     @property
     def num_student_tokens(self) -> int:
         return sum(self.mask)
+
+
+@runtime_checkable
+class TrajectoryTeacher(Protocol):
+    """Scores whole trajectories itself, each under the view it chooses (several teachers with
+    their own renderers: ``training.teachers.multi``). ``score_trajectories`` hands such a
+    teacher the batch as it is."""
+
+    name: str
+
+    async def score_trajectories(
+        self,
+        trajectories: Sequence[Trajectory],
+        *,
+        student_renderer: Renderer,
+        request: TeacherRequest = ...,
+        progress: bool = False,
+    ) -> list[ScoredSequence]: ...
+
+    async def close(self) -> None: ...
 
 
 def unscored(trajectories: Sequence[Trajectory]) -> list[ScoredSequence]:
@@ -65,7 +91,7 @@ def unscored(trajectories: Sequence[Trajectory]) -> list[ScoredSequence]:
 
 
 async def score_trajectories(
-    teacher: Teacher,
+    teacher: Teacher | TrajectoryTeacher,
     trajectories: Sequence[Trajectory],
     *,
     teacher_renderer: Renderer | None,
@@ -75,7 +101,12 @@ async def score_trajectories(
     progress: bool = False,
 ) -> list[ScoredSequence]:
     """Score every sequence of the valid ``trajectories`` (invalid ones are skipped), in chunks
-    of ``chunk_size`` sequences (one at a time with ``full_logits``: each is ``T x V``)."""
+    of ``chunk_size`` sequences (one at a time with ``full_logits``: each is ``T x V``). A
+    ``TrajectoryTeacher`` scores them itself (``teacher_renderer`` is then unused)."""
+    if isinstance(teacher, TrajectoryTeacher):
+        return await teacher.score_trajectories(
+            trajectories, student_renderer=student_renderer, request=request, progress=progress
+        )
     pending: list[tuple[ScoredSequence, TeacherView]] = []
     for trajectory in trajectories:
         if not trajectory.valid:
@@ -102,11 +133,30 @@ async def score_trajectories(
     return [scored for scored, _ in pending]
 
 
+def attach_teacher_logprobs(
+    trajectories: Sequence[Trajectory], scored: Sequence[ScoredSequence]
+) -> None:
+    """Copy the teacher's logprobs onto the trajectories' sequences
+    (``TokenSequence.teacher_logprobs``) for the rollout logs and viewer. ``scored`` is what
+    ``score_trajectories`` (or ``unscored``) returned for ``trajectories``: their valid
+    sequences, in order."""
+    sequences = [seq for t in trajectories if t.valid for seq in t.sequences]
+    if len(sequences) != len(scored):
+        raise ValueError(
+            f"attach_teacher_logprobs: {len(scored)} scored sequences for {len(sequences)} "
+            "valid sequences; pass the trajectories that were scored"
+        )
+    for sequence, answer in zip(sequences, scored, strict=True):
+        if answer.teacher_logprobs is not None:
+            sequence.teacher_logprobs = [float(v) for v in answer.teacher_logprobs.tolist()]
+
+
 def _from_sequence(sequence: TokenSequence, metadata: dict) -> ScoredSequence:
     return ScoredSequence(
         tokens=list(sequence.tokens),
         mask=list(sequence.mask),
         sampling_logprobs=list(sequence.sampling_logprobs),
+        advantage=float(metadata.get("advantage", 0.0)),
         metadata=dict(metadata),
     )
 

@@ -13,9 +13,11 @@ Every part is swappable through a small protocol: the dataset and its envs (``en
 the ``Sampler`` and ``Teacher`` (``training.types``), the rollout ``Policy``
 (``training.rollouts``) and the ``Objective`` (``training.objectives``). The first
 ``sft_warmup_steps`` steps can use a different policy (e.g. scripted demonstrations) with the
-SFT objective. Sampling and training alternate synchronously (the samples of a step always come
-from the weights the step updates); the seams to overlap them later are the policy (sample from
-a stale copy) and ``step``'s phases.
+SFT objective, and an ``off_policy`` mix (GKD's ``lmbda``) makes some steps off-policy:
+teacher-written turns with its own objective (``Trainer.phase``). Sampling and training
+alternate synchronously (the samples of a step always come from the weights the step updates);
+the seams to overlap them later are the policy (sample from a stale copy) and ``step``'s
+phases.
 
 Distillation has no reward: the teacher's per-token scores are the only signal. Parse errors,
 overflows and tool errors are metrics, never penalties. Invalid episodes (infrastructure
@@ -30,6 +32,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,9 +56,18 @@ from training.objectives import (
     make_objective,
     pack,
 )
+from training.off_policy import LmbdaMix
+from training.reports import write_reports
 from training.rollouts import Policy, RolloutSettings, SamplerPolicy, do_rollouts
-from training.scoring import ScoredSequence, score_trajectories, unscored
+from training.scoring import (
+    ScoredSequence,
+    TrajectoryTeacher,
+    attach_teacher_logprobs,
+    score_trajectories,
+    unscored,
+)
 from training.teachers import LocalTeacher
+from training.teachers.multi import per_teacher_metrics
 from training.types import Sampler, Teacher
 
 log = logging.getLogger(__name__)
@@ -165,6 +177,17 @@ class TrainerConfig(BaseModel):
         return value
 
 
+class Phase(StrEnum):
+    """What a step trains on (``Trainer.phase``); logged as ``phase/<name>``."""
+
+    ON_POLICY = "on_policy"
+    """The student samples; the objective trains on its own samples."""
+    OFF_POLICY = "off_policy"
+    """An off-policy step of the ``lmbda`` mix: teacher-written turns (``training.off_policy``)."""
+    SFT_WARMUP = "sft_warmup"
+    """One of the first ``sft_warmup_steps``: demonstrations trained with SFT."""
+
+
 @dataclass
 class TrainResult:
     """What a finished run produced."""
@@ -186,7 +209,9 @@ class Trainer:
 
     ``model`` is trained in place (a peft model for LoRA, or a plain one); ``sampler`` samples
     the student (usually from the same module), ``teacher`` scores under ``teacher_renderer``
-    (None: the student's rendering). ``demonstrations`` is the policy of the SFT warmup steps.
+    (None: the student's rendering; several teachers: a ``TrajectoryTeacher``).
+    ``demonstrations`` is the policy of the SFT warmup steps; ``off_policy`` mixes in
+    off-policy steps (GKD's ``lmbda``, ``training.off_policy``).
     """
 
     def __init__(
@@ -196,13 +221,14 @@ class Trainer:
         model: torch.nn.Module,
         renderer: Renderer,
         sampler: Sampler,
-        teacher: Teacher | None,
+        teacher: Teacher | TrajectoryTeacher | None,
         dataset: Dataset,
         log_path: str | Path,
         teacher_renderer: Renderer | None = None,
         eval_dataset: Dataset | None = None,
         objective: Objective | None = None,
         demonstrations: Policy | None = None,
+        off_policy: LmbdaMix | None = None,
         tokenizer: Any = None,
         full_vocabulary_teacher: bool = True,
         run_config: Mapping[str, Any] | None = None,
@@ -249,6 +275,7 @@ class Trainer:
         self.policy = SamplerPolicy(sampler, temperature=config.temperature)
         self.eval_policy = SamplerPolicy(sampler, temperature=config.eval_temperature)
         self.demonstrations = demonstrations
+        self.off_policy = off_policy
         self.settings = RolloutSettings(
             max_tokens=config.max_tokens,
             max_trajectory_tokens=config.max_trajectory_tokens,
@@ -324,15 +351,31 @@ class Trainer:
         paths = {"checkpoint": str(latest), **{k: str(v) for k, v in exported.items()}}
         summary = json.dumps({**self.history, **paths}, indent=2)
         (self.log_path / "summary.json").write_text(summary + "\n")
+        self.write_reports()
         return result
+
+    def write_reports(self) -> None:
+        """``report.png`` and ``rollouts.html`` (``training.reports``); a failure is logged,
+        never allowed to spoil a finished run."""
+        try:
+            write_reports(self.log_path, tokenizer=self.tokenizer)
+        except Exception:
+            log.exception("could not write the run reports into %s", self.log_path)
+
+    def phase(self, step: int) -> tuple[Phase, Policy, Objective]:
+        """Who writes step ``step``'s assistant turns and what trains on them: the SFT warmup
+        (demonstrations, SFT), an off-policy step of the ``lmbda`` mix, or the student."""
+        if step < self.config.sft_warmup_steps:
+            assert self.demonstrations is not None
+            return Phase.SFT_WARMUP, self.demonstrations, SFT()
+        if self.off_policy is not None and not self.off_policy.on_policy(step):
+            return Phase.OFF_POLICY, self.off_policy.policy, self.off_policy.objective
+        return Phase.ON_POLICY, self.policy, self.objective
 
     async def step(self, step: int) -> dict[str, float]:
         """One optimizer step on batch ``step``; returns its metrics."""
         timer = Timer()
-        warmup = step < self.config.sft_warmup_steps
-        policy = self.demonstrations if warmup else self.policy
-        objective: Objective = SFT() if warmup else self.objective
-        assert policy is not None
+        phase, policy, objective = self.phase(step)
         self._reseed(step)
         builders = self.dataset.get_batch(step % len(self.dataset))
         with timer("rollout"):
@@ -342,20 +385,29 @@ class Trainer:
         trajectories = [t for group in groups for t in group.trajectories]
         for trajectory in trajectories:
             trajectory.metadata["step"] = step + 1
+        prepare = getattr(objective, "prepare", None)
+        if prepare is not None:
+            prepare(trajectories)
         with timer("score"):
             scored = await self.score(trajectories, objective)
         with timer("train"):
             train_metrics = self.update(scored, objective)
         await self.sampler.update_weights(self.model)
         if self.config.save_rollouts:
+            attach_teacher_logprobs(trajectories, scored)
             self.logger.write_rollouts(f"step_{step + 1:04d}", trajectories)
+        # The teacher KL measures the student's own samples: not teacher-written ones.
+        on_policy = phase is Phase.ON_POLICY
         metrics = {
             **rollout_metrics(trajectories),
-            **teacher_metrics(scored),
+            **(teacher_metrics(scored) if on_policy else {}),
+            **(per_teacher_metrics(scored) if on_policy else {}),
             **train_metrics,
             **timer.times,
-            "phase/sft_warmup": float(warmup),
+            "phase/sft_warmup": float(phase is Phase.SFT_WARMUP),
         }
+        if self.off_policy is not None:
+            metrics["phase/off_policy"] = float(phase is Phase.OFF_POLICY)
         metrics["time/step"] = sum(timer.times.values())
         return metrics
 
@@ -425,6 +477,17 @@ class Trainer:
                 self.settings,
                 progress=self.config.progress,
             )
+        if self.teacher is not None:
+            with timer("eval_score"):
+                scored = await score_trajectories(
+                    self.teacher,
+                    trajectories,
+                    teacher_renderer=self.teacher_renderer,
+                    student_renderer=self.renderer,
+                    progress=self.config.progress,
+                )
+            attach_teacher_logprobs(trajectories, scored)
+            metrics.update(eval_teacher_metrics(trajectories))
         if self.config.save_rollouts:
             self.logger.write_rollouts(f"eval_{step:04d}", trajectories)
         rate = metrics.get("eval/success_rate")
@@ -606,3 +669,25 @@ def teacher_metrics(scored: Sequence[ScoredSequence]) -> dict[str, float]:
         gaps += float((sampling - teacher)[mask].sum())
         count += int(mask.sum())
     return {"teacher_kl": gaps / count} if count else {}
+
+
+def eval_teacher_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """``eval/teacher_kl``: the mean over the student tokens of evaluation episodes of the
+    student's own logprob (temperature 1) minus the teacher's. Evaluation decodes greedily by
+    default, and greedy tokens have no sampling logprob, so this is the student/teacher
+    log-ratio on the student's greedy answers; with ``eval_temperature=1`` it is the usual
+    one-sample estimate of the per-token KL(student || teacher). Absent without scores."""
+    gaps, count = 0.0, 0
+    for trajectory in trajectories:
+        if not trajectory.valid:
+            continue
+        for sequence in trajectory.sequences:
+            if len(sequence.teacher_logprobs) != len(sequence.tokens):
+                continue
+            for own, teacher, on in zip(
+                sequence.model_logprobs, sequence.teacher_logprobs, sequence.mask, strict=True
+            ):
+                if on:
+                    gaps += own - teacher
+                    count += 1
+    return {"eval/teacher_kl": gaps / count} if count else {}
