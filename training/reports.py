@@ -94,10 +94,48 @@ def plot_report(log_path: str | Path, out: str | Path | None = None) -> Path:
             ax.plot(steps, values, label=key, marker=marker, markersize=3)
         ax.set_title(title if panel is not outcome else "Eval and reward")
         ax.set_ylabel(ylabel)
+        if panel is outcome:
+            ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("step")
     figure.suptitle(log_path.name)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def plot_task_success(
+    rows: Sequence[dict[str, Any]], out: str | Path, *, title: str = "Success per task"
+) -> Path:
+    """A bar per task (``success_rate``, and the largest ``pass@k`` as a marker) for evaluation
+    runs; ``rows`` as ``recipes.harbor_rl.eval`` writes them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    names = [str(r["task"]) for r in rows]
+    success = [r.get("success_rate") or 0.0 for r in rows]
+    passes = sorted(
+        (k for k in (rows[0] if rows else {}) if k.startswith("pass@")),
+        key=lambda k: int(k.split("@")[1]),
+    )
+    figure, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(rows) + 2), 4))
+    ax.bar(range(len(rows)), success, label="success rate", color="#4a7bd0")
+    if passes:
+        key = passes[-1]
+        values = [r.get(key) for r in rows]
+        xs = [i for i, v in enumerate(values) if v is not None]
+        ax.scatter(xs, [values[i] for i in xs], color="#d04a4a", zorder=3, label=key)
+    ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=100)

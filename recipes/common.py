@@ -1,0 +1,221 @@
+"""What every training recipe shares: the model keys, loading the student and teachers, the log
+folder, the closing summary and reports, and the command line's error handling.
+
+A recipe's ``Config`` derives from ``TrainerConfig`` (the loop's knobs), ``StudentKeys`` (and
+``TeacherKeys`` when it has one teacher) and ``RecipeConfig``; its ``main(config)`` builds the
+parts with the functions here and calls ``run_training``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import torch
+from pydantic import BaseModel, Field
+
+from envs.errors import EnvsError
+from recipes.cli import ConfigError, RecipeConfig, parse_cli
+from recipes.distillation import harbor_multi_turn
+from tool_use.renderers import get_renderer
+from tool_use.renderers.base import Renderer, RendererError
+from training import models
+from training.errors import ModelLoadError, TrainingError
+from training.teachers import LocalTeacher, VLLMServerTeacher
+from training.trainer import Trainer, TrainResult
+from training.types import Teacher
+from training.vocab import check_same_vocabulary
+from training.weights import load_weights
+
+log = logging.getLogger(__name__)
+
+Dtype = Literal["auto", "bf16", "fp32", "fp16"]
+
+
+class StudentKeys(RecipeConfig):
+    """The student model."""
+
+    model_name: str = models.EMBEDDED_MODEL
+    """The student: a Hugging Face id, a local folder, or smollm2-135m-instruct (embedded)."""
+    renderer: str | None = None
+    """Chat-template renderer of the student and teachers (chatml, qwen2.5, qwen3, llama3,
+    template); None: detected from each tokenizer."""
+    dtype: Dtype = "auto"
+    """auto (bf16 where the hardware computes it natively, else fp32) | bf16 | fp32 | fp16."""
+    lora_rank: int = Field(16, ge=0)
+    """LoRA rank; 0: full fine-tuning."""
+    lora_alpha: float | None = None
+    """LoRA alpha (default 2 * lora_rank)."""
+
+
+class TeacherKeys(RecipeConfig):
+    """One teacher, flat (the common keys of the single-teacher recipes)."""
+
+    teacher_model: str = models.EMBEDDED_MODEL
+    """The teacher (same vocabulary as the student). With teacher_url, its tokenizer is loaded
+    from here and the server is asked for teacher_served_name."""
+    teacher_checkpoint: str | None = None
+    """Weights loaded onto teacher_model: a LoRA adapter folder, a checkpoint or run folder of
+    ours (training.weights); None: teacher_model as it is."""
+    teacher_url: str | None = None
+    """Base URL of a vLLM OpenAI-compatible server that scores for the teacher (e.g.
+    http://127.0.0.1:8000); None: the teacher runs in this process."""
+    teacher_served_name: str | None = None
+    """The model name the teacher server serves (default: teacher_model)."""
+
+
+class TeacherSpec(RecipeConfig):
+    """One teacher of a multi-teacher run."""
+
+    model: str = models.EMBEDDED_MODEL
+    """The teacher model (same vocabulary as the student)."""
+    checkpoint: str | None = None
+    """Weights loaded onto it: a LoRA adapter folder, a checkpoint or run folder of ours."""
+    route: str | None = None
+    """The route value rows name it by (default: its model name)."""
+    weight: float = Field(1.0, ge=0.0)
+    """Its weight in a blend (normalised over the teachers)."""
+    url: str | None = None
+    """A vLLM server that scores for it (None: it runs in this process)."""
+    served_name: str | None = None
+    """The model name that server serves (default: model)."""
+
+
+@dataclass
+class Student:
+    """The trainable model and how it renders."""
+
+    model: Any
+    tokenizer: models.Tokenizer
+    renderer: Renderer
+
+
+@dataclass
+class LoadedTeacher:
+    """A ready teacher: scores, renders, and (local ones) the model it runs."""
+
+    teacher: Teacher
+    renderer: Renderer
+    full_vocabulary: bool
+    """Whether it can return full distributions (local teachers)."""
+    model: Any = None
+    """The frozen model of a local teacher (it can also generate, e.g. off-policy batches)."""
+    tokenizer: Any = None
+
+
+def load_student(config: StudentKeys, seed: int = 0) -> Student:
+    """The student, its adapter initialised from ``seed`` (a run is repeatable)."""
+    torch.manual_seed(seed)
+    tokenizer = models.load_tokenizer(config.model_name)
+    lora = (
+        models.LoraSettings(rank=config.lora_rank, alpha=config.lora_alpha)
+        if config.lora_rank > 0
+        else None
+    )
+    model = models.load_model(config.model_name, dtype=config.dtype, lora=lora)
+    return Student(model, tokenizer, get_renderer(config.renderer, tokenizer))
+
+
+def load_teacher(
+    spec: TeacherSpec,
+    student: Student,
+    *,
+    config: StudentKeys,
+    name: str | None = None,
+) -> LoadedTeacher:
+    """A teacher, after checking that it can score the student's token ids."""
+    name = name or spec.model
+    if spec.url:
+        tokenizer = models.load_tokenizer(spec.model)
+        teacher: Teacher = VLLMServerTeacher(spec.url, spec.served_name or spec.model, name=name)
+        vocab_size, full, model = None, False, None
+    else:
+        if spec.checkpoint:
+            loaded = load_weights(spec.checkpoint, base_model=spec.model, dtype=config.dtype)
+            model, tokenizer = loaded.model, loaded.tokenizer
+        else:
+            model = models.load_model(spec.model, dtype=config.dtype)
+            tokenizer = models.load_tokenizer(spec.model)
+        model.eval().requires_grad_(False)
+        teacher = LocalTeacher(model, tokenizer, name=name)
+        vocab_size, full = model.config.vocab_size, True
+    check_same_vocabulary(
+        student.tokenizer,
+        tokenizer,
+        student_name=config.model_name,
+        teacher_name=spec.model,
+        teacher_vocab_size=vocab_size,
+    )
+    renderer = get_renderer(config.renderer, tokenizer)
+    return LoadedTeacher(teacher, renderer, full, model, tokenizer)
+
+
+def single_teacher(config: Any) -> TeacherSpec:
+    """The flat ``teacher_*`` keys as a ``TeacherSpec``."""
+    return TeacherSpec(
+        model=config.teacher_model,
+        checkpoint=config.teacher_checkpoint,
+        url=config.teacher_url,
+        served_name=config.teacher_served_name,
+    )
+
+
+def default_log_path(recipe: str, config: Any) -> Path:
+    """``log_path``, else the run ``resume`` points at, else ``runs/<recipe>-<timestamp>``."""
+    if config.log_path:
+        return Path(config.log_path)
+    resume = getattr(config, "resume", False)
+    if isinstance(resume, Path):
+        return resume.parent.parent if (resume / "state.json").is_file() else resume
+    return Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_resume(config: Any) -> None:
+    if getattr(config, "resume", False) is True and not config.log_path:
+        raise ConfigError("resume=true continues the run in log_path: set log_path=RUN_FOLDER")
+
+
+async def run_training(trainer: Trainer, teachers: Sequence[Any] = ()) -> TrainResult:
+    """Train (the trainer writes the reports at the end), close the teachers, print the
+    summary."""
+    try:
+        result = await trainer.train()
+    finally:
+        for teacher in teachers:
+            await teacher.close()
+    print(summary(result))
+    return result
+
+
+def summary(result: TrainResult) -> str:
+    """The closing lines of ``harbor_multi_turn`` (teacher KL, evals, checkpoint, export) and
+    where the reports are."""
+    return (
+        harbor_multi_turn.summary(result)
+        + f"\n  reports:     {result.log_path / 'report.png'}, {result.log_path / 'rollouts.html'}"
+    )
+
+
+def cli[C: BaseModel](
+    main: Callable[[C], Awaitable[Any]], config_cls: type[C], argv: Sequence[str] | None = None
+) -> int:
+    """Parse, run ``main``; a bad config, bad data, models that cannot work together: one
+    paragraph on stderr and exit status 2, no traceback."""
+    harbor_multi_turn.quiet_libraries()
+    try:
+        config = parse_cli(config_cls, argv)
+    except ConfigError as error:
+        print(f"error: {error}\n(run with --help to list every key)", file=sys.stderr)
+        return 2
+    try:
+        anyio.run(main, config)
+    except (ConfigError, EnvsError, ModelLoadError, TrainingError, RendererError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,212 @@
+"""Single-turn on-policy distillation on a JSONL prompt dataset.
+
+    python -m recipes.distillation.on_policy [dataset=PATH.jsonl] [key=value ...]   (--help)
+
+The student answers each prompt (``group_size`` samples per row); a frozen teacher scores every
+sampled token, under the row's privileged ``teacher_messages`` when it has them; the student
+learns to close the per-token gap (``loss=sampled_reverse_kl``), or matches the teacher's
+distribution (``jsd`` with ``beta``, ``topk_forward_kl`` with ``top_k``). ``lmbda`` < 1 mixes in
+off-policy steps as in GKD (``training.off_policy``): the dataset's reference responses
+(``off_policy_source=dataset``) or the teacher's own generations (``teacher``). Every
+``eval_every`` steps the student answers ``validation_dataset`` greedily: ``eval/teacher_kl``
+(the teacher's per-token KL on those answers) and ``eval/success_rate`` (exact-match accuracy
+over the rows that carry ``expected_answer``; ``envs.prompts.normalize_answer``).
+
+With no arguments it runs offline: the embedded SmolLM2-135M-Instruct as student and teacher, on
+the bundled arithmetic example (recipes/data/arithmetic.jsonl, validated on
+arithmetic_val.jsonl).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from envs.prompts import PromptDataset, PromptDatasetBuilder, PromptDatasetConfig
+from recipes.cli import ConfigError, dump_config
+from recipes.common import (
+    LoadedTeacher,
+    Student,
+    StudentKeys,
+    TeacherKeys,
+    check_resume,
+    cli,
+    default_log_path,
+    load_student,
+    load_teacher,
+    run_training,
+    single_teacher,
+)
+from training.objectives import make_objective
+from training.off_policy import LmbdaMix, TeacherPolicy, off_policy_objective, reference_script
+from training.rollouts import Policy, ScriptedPolicy
+from training.samplers import HFSampler
+from training.samplers.vllm import VLLMServerSampler
+from training.trainer import Trainer, TrainerConfig, TrainResult
+
+RECIPE = "on_policy"
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+"""The small example datasets shipped with the recipes."""
+
+
+class OffPolicySource(StrEnum):
+    """Where off-policy batches (``lmbda`` < 1) take their assistant turns from."""
+
+    DATASET = "dataset"
+    """The rows' reference responses (their trailing assistant messages)."""
+    TEACHER = "teacher"
+    """The teacher generates them, from its own (privileged) view of each prompt."""
+
+
+class PromptKeys(StudentKeys):
+    """The prompt dataset and how batches are drawn from it."""
+
+    dataset: Path = DATA_DIR / "arithmetic.jsonl"
+    """Training rows, JSONL: {messages, teacher?, teacher_messages?, expected_answer?}."""
+    validation_dataset: Path | None = DATA_DIR / "arithmetic_val.jsonl"
+    """Rows evaluated every eval_every steps (null: no evaluation)."""
+    group_size: int = Field(4, ge=1)
+    """Samples per row in a batch."""
+    groups_per_batch: int = Field(8, ge=1)
+    """Rows per batch."""
+    eval_group_size: int = Field(1, ge=1)
+    """Samples per validation row."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the training rows (each a fresh seeded shuffle)."""
+
+
+class MixKeys(PromptKeys):
+    """GKD's mixing of on-policy and off-policy steps."""
+
+    lmbda: float = Field(1.0, ge=0.0, le=1.0)
+    """Probability that a step is on-policy (student samples); the others are off-policy
+    (teacher-written responses). 1: pure on-policy distillation; 0: pure off-policy."""
+    off_policy_source: OffPolicySource = OffPolicySource.DATASET
+    """Off-policy responses: dataset (the rows' assistant turns) | teacher (generated)."""
+
+
+class Config(TrainerConfig, MixKeys, TeacherKeys):
+    """Single-turn on-policy distillation on a JSONL prompt dataset."""
+
+    max_tokens: int = Field(64, ge=1)
+    """Sampling budget of the answer."""
+    max_trajectory_tokens: int | None = Field(1024, ge=2)
+    """Budget of prompt plus answer."""
+
+
+# ---- the parts -------------------------------------------------------------------------------
+
+
+def prompt_datasets(config: PromptKeys) -> tuple[PromptDataset, PromptDataset | None]:
+    """The train and validation datasets (rows validated; errors name file and line)."""
+    builder = PromptDatasetBuilder(
+        PromptDatasetConfig(
+            dataset=config.dataset,
+            validation_dataset=config.validation_dataset,
+            group_size=config.group_size,
+            groups_per_batch=config.groups_per_batch,
+            eval_group_size=config.eval_group_size,
+            epochs=config.epochs,
+            seed=getattr(config, "seed", 0),
+        )
+    )
+    return builder()
+
+
+def dataset_policy(datasets: list[PromptDataset], student: Student) -> Policy:
+    """Replays the rows' reference responses; every row must have one."""
+    responses: dict[tuple[str, int], Any] = {}
+    missing: list[str] = []
+    for dataset in datasets:
+        for index, row in enumerate(dataset.rows):
+            if row.response:
+                responses[(dataset.source, index)] = row.response
+            else:
+                missing.append(f"row {index + 1} of {dataset.source}")
+    if missing:
+        raise ConfigError(
+            f"off_policy_source=dataset needs a reference response (trailing assistant "
+            f"messages) in every row; {len(missing)} rows have none, the first: {missing[0]}; "
+            "add them or use off_policy_source=teacher"
+        )
+    return ScriptedPolicy(reference_script(responses), student.renderer)
+
+
+def teacher_policy(teacher: LoadedTeacher, config: Any) -> Policy:
+    """The teacher generates the responses, from its own view of each prompt."""
+    if teacher.model is not None:
+        sampler: Any = HFSampler(teacher.model, teacher.tokenizer, seed=config.seed)
+    else:
+        spec = single_teacher(config)
+        assert spec.url is not None
+        sampler = VLLMServerSampler(
+            spec.url, spec.served_name or spec.model, tokenizer=teacher.tokenizer, seed=config.seed
+        )
+    return TeacherPolicy(sampler, teacher.renderer, temperature=config.temperature)
+
+
+def lmbda_mix(
+    config: Any,
+    datasets: list[PromptDataset],
+    student: Student,
+    teacher: LoadedTeacher | None,
+    full_vocabulary: bool,
+) -> LmbdaMix | None:
+    """The off-policy half of the mix (None when ``lmbda`` is 1)."""
+    if config.lmbda >= 1.0:
+        return None
+    if config.off_policy_source is OffPolicySource.DATASET:
+        policy = dataset_policy(datasets, student)
+    else:
+        if teacher is None:
+            raise ConfigError("off_policy_source=teacher needs a teacher")
+        policy = teacher_policy(teacher, config)
+    objective = make_objective(
+        config.loss,
+        temperature=config.temperature,
+        kl_penalty_coef=config.kl_penalty_coef,
+        kl_discount_factor=config.kl_discount_factor,
+        clip_ratio=config.clip_ratio,
+        beta=config.beta,
+        top_k=config.top_k,
+        full_vocabulary=full_vocabulary,
+    )
+    return LmbdaMix(
+        config.lmbda, policy, off_policy_objective(config.loss, objective), seed=config.seed
+    )
+
+
+def build_trainer(config: Config) -> Trainer:
+    """Everything the run needs, checked up front: rows, models, vocabulary, the mix."""
+    check_resume(config)
+    dataset, validation = prompt_datasets(config)
+    student = load_student(config, config.seed)
+    teacher = load_teacher(single_teacher(config), student, config=config)
+    log_path = default_log_path(RECIPE, config)
+    return Trainer(
+        config,
+        model=student.model,
+        tokenizer=student.tokenizer,
+        renderer=student.renderer,
+        sampler=HFSampler(student.model, student.tokenizer, seed=config.seed),
+        teacher=teacher.teacher,
+        teacher_renderer=teacher.renderer,
+        full_vocabulary_teacher=teacher.full_vocabulary,
+        dataset=dataset,
+        eval_dataset=validation,
+        off_policy=lmbda_mix(config, [dataset], student, teacher, teacher.full_vocabulary),
+        log_path=log_path,
+        run_config={**dump_config(config), "log_path": str(log_path)},
+    )
+
+
+async def main(config: Config) -> TrainResult:
+    trainer = build_trainer(config)
+    return await run_training(trainer, [trainer.teacher] if trainer.teacher else [])
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(main, Config))

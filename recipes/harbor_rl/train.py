@@ -1,0 +1,123 @@
+"""RL on Harbor tasks with the verifier reward.
+
+    python -m recipes.harbor_rl.train [key=value ...]                             (--help)
+
+The student works on Harbor tasks in sandboxes (a bash tool, several turns), ``group_size``
+episodes per task; each episode is graded by the task's own ``tests/test.sh`` (also when a token
+budget cut it off). Advantages are group-centred (each reward minus its task group's mean,
+optionally divided by the group's standard deviation, ``normalize_advantages``) and the loss is
+the importance-sampled policy gradient (``losses.policy_gradient_loss``, PPO-clipped with
+``clip_ratio``). A group whose episodes all score the same teaches nothing (advantage 0).
+Held-out tasks are evaluated every ``eval_every`` steps (``eval/success_rate``).
+
+With no arguments it runs offline: the embedded SmolLM2-135M-Instruct on the bundled suite
+(train split; eval on the test split), local (bubblewrap) sandboxes. ``sft_warmup_steps``
+first trains on the tasks' reference solutions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from envs.harbor.builders import HarborDatasetBuilder, HarborEnvConfig
+from recipes.cli import dump_config
+from recipes.common import (
+    StudentKeys,
+    check_resume,
+    cli,
+    default_log_path,
+    load_student,
+    run_training,
+)
+from recipes.distillation.harbor_multi_turn import check_backend, reference_script
+from training.objectives import PolicyGradient
+from training.rollouts import ScriptedPolicy
+from training.samplers import HFSampler
+from training.trainer import Trainer, TrainerConfig, TrainResult
+
+RECIPE = "harbor_rl"
+
+
+class Config(TrainerConfig, StudentKeys):
+    """RL on Harbor tasks with the verifier reward."""
+
+    loss: Literal["policy_gradient"] = "policy_gradient"
+    """Always policy_gradient here (group-centred verifier rewards)."""
+    normalize_advantages: bool = False
+    """Divide each group's centred rewards by their standard deviation (GRPO)."""
+    tasks: list[str] = Field(default_factory=lambda: ["bundled"])
+    """Task sources: task dirs, dataset folders, registry.json, bundled[:train|:test]. Plain
+    bundled trains on the suite's train split and evaluates on its test split."""
+    eval_tasks: list[str] = Field(default_factory=list)
+    """Held-out tasks for evaluation (default: the split of tasks, if any)."""
+    backend: str = "local"
+    """Sandbox backend: local (bubblewrap), docker, harbor:<type>, or module:attr."""
+    max_turns: int = Field(10, ge=1)
+    """Assistant turns per episode."""
+    group_size: int = Field(4, ge=2)
+    """Episodes per task in a batch (advantages compare them, so at least 2)."""
+    groups_per_batch: int = Field(8, ge=1)
+    """Tasks per batch."""
+    eval_group_size: int = Field(1, ge=1)
+    """Episodes per held-out task in an evaluation."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the training tasks (each a fresh shuffle)."""
+    command_timeout_s: float = Field(30.0, gt=0)
+    """Timeout of one bash command."""
+
+
+def build_trainer(config: Config) -> Trainer:
+    check_resume(config)
+    factory = check_backend(config.backend)
+    builder = HarborDatasetBuilder(
+        HarborEnvConfig(
+            tasks=config.tasks,
+            eval_tasks=config.eval_tasks,
+            backend=config.backend,
+            group_size=config.group_size,
+            groups_per_batch=config.groups_per_batch,
+            eval_group_size=config.eval_group_size,
+            epochs=config.epochs,
+            seed=config.seed,
+            max_turns=config.max_turns,
+            command_timeout_s=config.command_timeout_s,
+        ),
+        factory,
+    )
+    train_tasks, _ = builder.load_split()
+    dataset, eval_dataset = builder()
+    student = load_student(config, config.seed)
+    demonstrations = (
+        ScriptedPolicy(reference_script(train_tasks), student.renderer)
+        if config.sft_warmup_steps
+        else None
+    )
+    log_path = default_log_path(RECIPE, config)
+    return Trainer(
+        config,
+        model=student.model,
+        tokenizer=student.tokenizer,
+        renderer=student.renderer,
+        sampler=HFSampler(student.model, student.tokenizer, seed=config.seed),
+        teacher=None,
+        dataset=dataset,
+        eval_dataset=eval_dataset,
+        objective=PolicyGradient(
+            clip_ratio=config.clip_ratio,
+            temperature=config.temperature,
+            normalize_std=config.normalize_advantages,
+        ),
+        demonstrations=demonstrations,
+        log_path=log_path,
+        run_config={**dump_config(config), "log_path": str(log_path)},
+    )
+
+
+async def main(config: Config) -> TrainResult:
+    return await run_training(build_trainer(config))
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(main, Config))

@@ -1,0 +1,212 @@
+"""recipes.distillation.on_policy end to end on tiny random models: every loss trains, the
+teacher scores under the rows' privileged prompts, validation reports teacher KL and exact-match
+accuracy, lmbda mixes seeded off-policy steps, bad rows stop the run with file:line, and every
+run writes its reports."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes.distillation import on_policy
+from tool_use.renderers import get_renderer
+from tool_use.trajectory import read_jsonl
+from training import models
+from training.metrics import read_metrics
+from training.off_policy import LmbdaMix
+from training.teacher_view import teacher_views
+from training.teachers import LocalTeacher
+
+DATA = Path(on_policy.__file__).resolve().parents[1] / "data"
+
+
+def rows_file(path: Path, count: int, *, answers: bool = True) -> Path:
+    """The first ``count`` rows of the bundled arithmetic set."""
+    lines = (DATA / "arithmetic.jsonl").read_text().splitlines()[:count]
+    if not answers:
+        lines = [json.dumps({**json.loads(line), "expected_answer": None}) for line in lines]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def args(tiny_folders, log_path, **overrides) -> list[str]:
+    options = {
+        "model_name": tiny_folders["student"],
+        "teacher_model": tiny_folders["teacher"],
+        "dtype": "fp32",
+        "lora_rank": 4,
+        "learning_rate": 1e-2,
+        "max_steps": 2,
+        "group_size": 2,
+        "groups_per_batch": 2,
+        "max_tokens": 8,
+        "eval_every": 1,
+        "save_every": 0,
+        "progress": "false",
+        "log_path": str(log_path),
+        **overrides,
+    }
+    return [f"{k}={v}" for k, v in options.items()]
+
+
+def test_on_policy_run_with_privileged_teacher_validation_and_reports(
+    tiny_folders, tmp_path, smollm2_tokenizer
+):
+    validation = rows_file(tmp_path / "val.jsonl", 3)
+    log = tmp_path / "run"
+    assert (
+        on_policy.cli(
+            on_policy.main, on_policy.Config, args(tiny_folders, log, validation_dataset=validation)
+        )
+        == 0
+    )
+
+    records = read_metrics(log)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for record in records[1:]:
+        assert math.isfinite(record["teacher_kl"]) and record["episodes/valid"] == 4
+        assert record["grad_norm"] > 0 and "phase/off_policy" not in record
+    for record in records:  # validation before, after each step
+        assert math.isfinite(record["eval/teacher_kl"]) and record["eval/episodes"] == 3
+        assert 0.0 <= record["eval/success_rate"] <= 1.0
+    for name in ("report.png", "rollouts.html", "summary.json", "config.json"):
+        assert (log / name).is_file(), name
+    assert (log / "export" / "adapter" / "adapter_config.json").is_file()
+    assert (log / "rollouts" / "eval_0002.jsonl").is_file()
+
+    # Each row is one turn without tools; the teacher scored under the row's teacher_messages.
+    rows = {
+        json.loads(line)["messages"][0]["content"]: json.loads(line)
+        for line in (DATA / "arithmetic.jsonl").read_text().splitlines()
+    }
+    step = list(read_jsonl(log / "rollouts" / "step_0001.jsonl"))
+    renderer = get_renderer(None, smollm2_tokenizer)
+    teacher = LocalTeacher(models.load_model(tiny_folders["teacher"], dtype="fp32"))
+    for trajectory in step:
+        row = rows[trajectory.messages[0].content]
+        assert trajectory.tools == [] and len(trajectory.turns) == 1
+        assert [m.content for m in trajectory.teacher_messages] == [
+            m["content"] for m in row["teacher_messages"]
+        ]
+        assert trajectory.metadata["teacher"] == "math" and trajectory.metadata["graded"]
+        (view,) = teacher_views(trajectory, renderer, student_renderer=renderer)
+        hint = row["teacher_messages"][0]["content"]
+        assert smollm2_tokenizer.decode(view.tokens).count(hint) == 1
+        expected = view.to_student(teacher.score_sync([view.score_request()])[0].logprobs)
+        (sequence,) = trajectory.sequences
+        assert len(sequence.teacher_logprobs) == len(sequence.tokens)
+        torch.testing.assert_close(
+            torch.tensor(sequence.teacher_logprobs), expected, atol=1e-4, rtol=0
+        )
+
+
+@pytest.mark.parametrize(
+    "extra, metric",
+    [
+        ({"loss": "jsd", "beta": 0.5}, "loss/divergence"),
+        ({"loss": "topk_forward_kl", "top_k": 5}, "loss/cross_entropy"),
+    ],
+    ids=["jsd", "topk_forward_kl"],
+)
+def test_distribution_losses_train(tiny_folders, tmp_path, extra, metric):
+    log = tmp_path / "run"
+    argv = args(tiny_folders, log, max_steps=1, validation_dataset="null", **extra)
+    assert on_policy.cli(on_policy.main, on_policy.Config, argv) == 0
+    (record,) = read_metrics(log)
+    assert record[metric] > 0 and record["grad_norm"] > 0 and math.isfinite(record["teacher_kl"])
+
+
+def test_rows_without_expected_answers_are_not_graded(tiny_folders, tmp_path):
+    validation = rows_file(tmp_path / "val.jsonl", 2, answers=False)
+    log = tmp_path / "run"
+    argv = args(tiny_folders, log, max_steps=1, validation_dataset=validation)
+    assert on_policy.cli(on_policy.main, on_policy.Config, argv) == 0
+    first = read_metrics(log)[0]
+    assert first["eval/success_rate"] is None and math.isfinite(first["eval/teacher_kl"])
+
+
+def test_lmbda_mixes_seeded_off_policy_steps(tiny_folders, tmp_path, smollm2_tokenizer):
+    log = tmp_path / "run"
+    argv = args(
+        tiny_folders, log, max_steps=6, lmbda=0.5, seed=5, eval_every=0, validation_dataset="null"
+    )
+    assert on_policy.cli(on_policy.main, on_policy.Config, argv) == 0
+    records = read_metrics(log)
+    choices = LmbdaMix(0.5, policy=None, objective=None, seed=5)  # type: ignore[arg-type]
+    expected = [0.0 if choices.on_policy(step) else 1.0 for step in range(6)]
+    assert [r["phase/off_policy"] for r in records] == expected
+    assert 0 < sum(expected) < 6, "seed 5 should give both kinds of steps in 6"
+    rows = {
+        json.loads(line)["messages"][0]["content"]: json.loads(line)
+        for line in (DATA / "arithmetic.jsonl").read_text().splitlines()
+    }
+    for record, off in zip(records, expected, strict=True):
+        if off:  # SFT on the rows' reference answers; no teacher KL on teacher-written tokens
+            assert record["loss/nll"] > 0 and "teacher_kl" not in record
+            for trajectory in read_jsonl(log / "rollouts" / f"step_{record['step']:04d}.jsonl"):
+                answer = rows[trajectory.messages[0].content]["messages"][1]["content"]
+                (sequence,) = trajectory.sequences
+                sampled = [t for t, m in zip(sequence.tokens, sequence.mask, strict=True) if m]
+                assert smollm2_tokenizer.decode(sampled) == answer + "<|im_end|>"
+        else:
+            assert math.isfinite(record["teacher_kl"]) and "loss/nll" not in record
+
+
+def test_lmbda_draws_are_seeded_per_step_with_the_right_proportion():
+    mix = LmbdaMix(0.3, policy=None, objective=None, seed=1)  # type: ignore[arg-type]
+    draws = [mix.on_policy(step) for step in range(4000)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.03
+    again = LmbdaMix(0.3, policy=None, objective=None, seed=1)  # type: ignore[arg-type]
+    assert [again.on_policy(step) for step in reversed(range(4000))] == draws[::-1]
+    other = LmbdaMix(0.3, policy=None, objective=None, seed=2)  # type: ignore[arg-type]
+    assert [other.on_policy(step) for step in range(4000)] != draws
+    always = LmbdaMix(1.0, policy=None, objective=None)  # type: ignore[arg-type]
+    never = LmbdaMix(0.0, policy=None, objective=None)  # type: ignore[arg-type]
+    assert all(always.on_policy(s) for s in range(50)) and not any(
+        never.on_policy(s) for s in range(50)
+    )
+    with pytest.raises(ValueError, match="lmbda must be in"):
+        LmbdaMix(1.5, policy=None, objective=None)  # type: ignore[arg-type]
+
+
+def test_teacher_generated_off_policy_steps_with_jsd(tiny_folders, tmp_path):
+    log = tmp_path / "run"
+    argv = args(
+        tiny_folders,
+        log,
+        max_steps=1,
+        lmbda=0.0,
+        off_policy_source="teacher",
+        loss="jsd",
+        beta=0.5,
+        validation_dataset="null",
+    )
+    assert on_policy.cli(on_policy.main, on_policy.Config, argv) == 0
+    (record,) = read_metrics(log)
+    assert record["phase/off_policy"] == 1.0 and record["loss/divergence"] > 0
+
+
+def test_bad_rows_stop_the_run_naming_file_and_line(tiny_folders, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "oops"}\n')
+    argv = args(tiny_folders, tmp_path / "run", dataset=bad)
+    assert on_policy.cli(on_policy.main, on_policy.Config, argv) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: field 'messages'" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_rows_without_reference_answers_cannot_feed_off_policy_steps(
+    tiny_folders, tmp_path, capsys
+):
+    prompts_only = tmp_path / "prompts.jsonl"
+    prompts_only.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    argv = args(
+        tiny_folders, tmp_path / "run", dataset=prompts_only, lmbda=0.5, validation_dataset="null"
+    )
+    assert on_policy.cli(on_policy.main, on_policy.Config, argv) == 2
+    assert "needs a reference response" in capsys.readouterr().err
