@@ -229,6 +229,7 @@ def _episode_html(trajectory: Trajectory, tokenizer: Any) -> str:
         ("teacher", meta.get("teacher")),
         ("group", meta.get("group")),
         ("reward", f"{trajectory.reward:g}"),
+        ("advantage", _fmt(meta.get("advantage"))),
         ("stop", trajectory.stop_reason),
         ("student tokens", trajectory.num_sampled_tokens),
     ]
@@ -255,6 +256,10 @@ def _episode_html(trajectory: Trajectory, tokenizer: Any) -> str:
         f"<details><summary>turns, tool calls and results</summary>{_turns_html(trajectory)}"
         "</details></div>"
     )
+
+
+def _fmt(value: Any) -> str | None:
+    return f"{value:+.3f}" if isinstance(value, int | float) else None
 
 
 def _pick(trajectories: list[Trajectory], count: int) -> list[Trajectory]:

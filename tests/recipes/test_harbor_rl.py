@@ -148,6 +148,7 @@ def test_rl_training_end_to_end(tiny_folders, tmp_path):
         assert all(t.metadata["advantage"] == pytest.approx(t.reward - mean) for t in group)
     for name in ("report.png", "rollouts.html"):
         assert (log / name).is_file()
+    assert "advantage <b>" in (log / "rollouts.html").read_text()  # shown per RL episode
     assert (log / "export" / "adapter" / "adapter_config.json").is_file()
 
 
