@@ -12,12 +12,15 @@ distillation from the privileged teacher takes over.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from recipes.cli import run_cli
 from recipes.distillation.harbor_multi_turn import Config, main, quiet_libraries
+
+HINT_TEMPLATE = "{instruction}\n\nHint: this command solves it: {commands}"
+"""The privileged teacher's first user message in the demo."""
 
 
 class DemoConfig(Config):
@@ -41,7 +44,17 @@ class DemoConfig(Config):
     max_trajectory_tokens: int | None = Field(1024, ge=2)
     """Budget of one episode's sequence."""
     learning_rate: float = Field(2e-3, gt=0.0)
-    """High for LoRA, so that a handful of steps show an effect."""
+    """High for LoRA, so that a handful of SFT steps teach the tool-call format."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decays over the run, so distillation (the later steps) takes smaller steps than SFT:
+    at a constant 2e-3 the sampled KL estimate's noise made later steps drift (measured)."""
+    teacher_from_warmup: bool = True
+    """The teacher is the warm-started student with the reference solution in its prompt: the
+    base SmolLM2 cannot act in the tool-call format, and distilling from it undid the warm
+    start (measured)."""
+    teacher_template: str | None = HINT_TEMPLATE
+    """The task's instruction followed by a one-line hint: the warm-started model follows it,
+    while the default template's longer brief made it answer "Done." without a call."""
     eval_every: int = Field(5, ge=0)
     """Evaluate before training, after the SFT warm start and at the end."""
     save_every: int = Field(5, ge=0)

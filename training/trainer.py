@@ -495,7 +495,10 @@ class Trainer:
             self.history["eval_before"] = rate
         self.history["eval_after"] = rate
         self.history["eval_after_step"] = step
-        self.history["evals"] = [*self.history.get("evals", []), [step, rate]]
+        record = {"step": step, "success_rate": rate}
+        if "eval/env/tool_calls" in metrics:
+            record["tool_calls"] = metrics["eval/env/tool_calls"]
+        self.history["evals"] = [*self.history.get("evals", []), record]
         if step == 0:
             self._print(0, metrics)
         return {**metrics, **timer.times}

@@ -98,6 +98,10 @@ class Config(TrainerConfig, RecipeConfig):
     """Timeout of one bash command."""
     privileged_teacher: bool = True
     """The teacher sees the task's reference solution (solution/solve.sh) in its prompt."""
+    teacher_template: str | None = None
+    """The teacher's first user message, with fields {instruction}, {solution} (solve.sh),
+    {commands} (solve.sh without shebang, set -e and comments) and {task_name}; None: the
+    default template of envs/harbor/teacher_view.py."""
 
 
 # ---- the parts ---------------------------------------------------------------------------------
@@ -119,6 +123,8 @@ def env_config(config: Config) -> HarborEnvConfig:
     }
     if not config.privileged_teacher:
         updates["teacher_template"] = None
+    elif config.teacher_template is not None:
+        updates["teacher_template"] = config.teacher_template
     return HarborEnvConfig(**updates)
 
 
@@ -268,14 +274,18 @@ def summary(result: TrainResult) -> str:
     def num(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    evals = "  ->  ".join(f"step {step}: {num(rate)}" for step, rate in h.get("evals", []))
     lines = [
         "",
         f"Done: {result.steps} steps.",
         f"  teacher KL   step {h.get('teacher_kl_first_step', '-')}: "
         f"{num(h.get('teacher_kl_first'))}  ->  step {h.get('teacher_kl_last_step', '-')}: "
         f"{num(h.get('teacher_kl_last'))}",
-        f"  eval success {evals or 'n/a'}",
+        "  eval success on held-out tasks:",
+    ]
+    for e in h.get("evals", []):
+        calls = f"   ({e['tool_calls']:.2f} tool calls/episode)" if "tool_calls" in e else ""
+        lines.append(f"    after {e['step']:>3} steps: {num(e['success_rate'])}{calls}")
+    lines += [
         f"  logs:        {result.log_path} (metrics.jsonl, rollouts/, config.json)",
         f"  checkpoint:  {result.checkpoint}",
     ]

@@ -98,7 +98,7 @@ def test_end_to_end_on_tiny_models_and_bundled_tasks(tiny_dirs, tmp_path, capsys
     assert merged.config.vocab_size == 49152
 
     out = capsys.readouterr().out
-    assert "teacher KL" in out and "eval success step 0: " in out and str(tmp_path) in out
+    assert "teacher KL" in out and "after   0 steps: " in out and str(tmp_path) in out
 
 
 def test_reference_demonstrations_solve_their_tasks(smollm2_tokenizer):
@@ -138,6 +138,23 @@ def test_help_lists_every_key():
     assert out.returncode == 0
     for key in Config.model_fields:
         assert f"\n  {key}: " in out.stdout, key
+
+
+def test_demo_help_shows_the_measured_defaults():
+    out = subprocess.run(
+        [sys.executable, "-m", "recipes.demo", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert out.returncode == 0
+    for line in (
+        "sft_warmup_steps: int = 5",
+        "teacher_from_warmup: bool = true",
+        "lr_schedule: {constant, linear, cosine} = cosine",
+    ):
+        assert line in out.stdout, line
 
 
 @pytest.mark.parametrize(
