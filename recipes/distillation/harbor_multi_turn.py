@@ -36,7 +36,7 @@ from tool_use.renderers import get_renderer
 from tool_use.renderers.base import Renderer, RendererError
 from tool_use.types import Message, TokenEnv, ToolCall
 from training import models
-from training.errors import ModelLoadError, VocabularyMismatchError
+from training.errors import ModelLoadError, TrainingError, VocabularyMismatchError
 from training.rollouts import ScriptedPolicy
 from training.samplers import HFSampler
 from training.teachers import LocalTeacher, VLLMServerTeacher
@@ -250,7 +250,7 @@ def build_trainer(config: Config) -> Trainer:
             log_path=log_path,
             run_config={**dump_config(config), "log_path": str(log_path)},
         )
-    except ValueError as error:
+    except (ValueError, TrainingError) as error:
         raise ConfigError(str(error)) from None
 
 

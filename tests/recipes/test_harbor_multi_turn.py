@@ -5,6 +5,7 @@ the problem."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -217,3 +218,17 @@ def test_a_teacher_with_another_vocabulary_exits_2(tiny_dirs, tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "cannot score student" in err and str(other) in err
+
+
+def test_wandb_without_the_package_exits_2(tiny_dirs, tmp_path, capsys):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here; the test is about the message when it is not")
+    student, teacher = tiny_dirs
+    argv = [
+        f"model_name={student}",
+        f"teacher_model={teacher}",
+        "wandb_project=demo",
+        f"log_path={tmp_path}",
+    ]
+    code, err = run(argv, capsys)
+    assert code == 2 and "wandb_project='demo' needs the wandb package" in err
