@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bubblewrap
 
 # Reinstall only when the project metadata changes.
 $(STAMP): pyproject.toml
@@ -16,10 +16,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The local sandbox backend needs bubblewrap: installed here when missing and we may (root with
+# apt-get), otherwise a clear message says how.
+bubblewrap:
+	@command -v bwrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing bubblewrap (the local sandbox backend)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
+	  else \
+	    echo "bubblewrap is missing: install it (Debian/Ubuntu: sudo apt-get install bubblewrap)" >&2; \
+	    exit 1; \
+	  fi; }
+
+test: $(STAMP) bubblewrap
 	$(BIN)/python -m pytest
 
-demo: $(STAMP)
+demo: $(STAMP) bubblewrap
 	$(BIN)/python -m recipes.demo
 
 lint: $(STAMP)
