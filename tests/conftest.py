@@ -6,6 +6,9 @@ tests/<package>/conftest.py.
   session in fp32 so numerical comparisons are tight).
 - ``tiny_model`` / ``make_tiny_model``: a randomly initialised 2-layer Llama sharing SmolLM2's
   tokenizer, for fast unit tests of samplers and teachers (~13 MB, builds in milliseconds).
+
+Tests marked ``bwrap`` or ``docker`` skip with the reason when that backend is missing here, and
+fail when ``CI=true`` (``sandboxes.testing``), before any of their fixtures is built.
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sandboxes.testing import require_bwrap, require_docker
 from training import models
+
+BACKEND_MARKERS = {"bwrap": require_bwrap, "docker": require_docker}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker, require in BACKEND_MARKERS.items():
+        if item.get_closest_marker(marker) is not None:
+            require()
 
 
 @pytest.fixture(scope="session")

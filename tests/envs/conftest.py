@@ -3,7 +3,6 @@ sandbox factories (bubblewrap and docker) for grading and episodes."""
 
 from __future__ import annotations
 
-import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -71,10 +70,6 @@ def make_task(tmp_path: Path) -> Callable[..., Path]:
         return write_task(tmp_path / "tasks", name, **kwargs)
 
     return make
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
 
 
 @pytest.fixture
