@@ -253,3 +253,27 @@ def test_embedded_model_logprobs_equal_a_teacher_forced_pass(smollm2, smollm2_to
     for result in out:
         assert_close(result.model_logprobs, teacher_forced_logprobs(smollm2, prompt, result.tokens))
         assert result.finish_reason == "stop" or len(result.tokens) == 24
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_caller_hands_the_batch_to_the_others(tiny_model, prompts):
+    sampler = HFSampler(tiny_model, eos_token_ids=(), batch_window_s=0.0)
+    long = SamplingParams(max_tokens=60, temperature=0.0)
+    alone = sampler.generate([prompts[1]], [long])[0]
+    results: dict[str, SampledTokens] = {}
+
+    async def cancelled() -> None:
+        with anyio.move_on_after(0.05):  # cancelled while it drives the batch
+            await sampler.sample(prompts[0], SamplingParams(max_tokens=500, temperature=0.0))
+        results["cancelled"] = None  # type: ignore[assignment]
+
+    async def survivor() -> None:
+        results["survivor"] = await sampler.sample(prompts[1], long)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as group:
+            group.start_soon(cancelled)
+            group.start_soon(survivor)
+    assert results["cancelled"] is None
+    assert results["survivor"].tokens == alone.tokens
+    assert sampler._batch is None or not sampler._batch.rows  # the abandoned row was dropped

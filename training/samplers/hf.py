@@ -1,10 +1,17 @@
 """Sample from a Hugging Face model, batching the turns of all running episodes.
 
-Every episode awaits ``sample(prompt, params)`` on its own. One decode thread runs a
-continuous batch: between decoding steps it admits the requests that are waiting (once every
-tracked episode waits, or after ``batch_window_s``), and a row leaves the batch, waking its
-episode, as soon as it stops, so tools run while other rows still decode and the event loop
-is never blocked.
+Every episode awaits ``sample(prompt, params)`` on its own. The waiting calls take turns
+driving one continuous batch: between decoding steps the driver admits the requests that are
+waiting (once every tracked episode waits, or after ``batch_window_s``), and a row leaves the
+batch, waking its episode, as soon as it stops, so tools run while other rows still decode.
+
+Why decoding runs on the event loop's thread (one step at a time, yielding between steps)
+rather than in a background thread: PyTorch's CPU kernels run on an OpenMP team owned by the
+calling thread, and with libgomp a second thread's team on a machine with few cores falls back
+to sleeping rather than spinning workers; measured on 2 cores, the same decode ran 1.7x slower
+in a background thread than in the thread that had loaded the model. Keeping every forward pass
+(sampling, scoring, training) on one thread keeps one team. A decoding step blocks the loop for
+one forward pass (tens of milliseconds for small models), which the sandboxes tolerate.
 
 Why a hand-written decoding loop rather than ``model.generate``: each row needs two logprobs
 (the model's own, and the one under the distribution that sampled it), per-row temperature /
@@ -19,13 +26,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
-import anyio.from_thread
 import anyio.lowlevel
 import torch
 import torch.nn.functional as F
@@ -73,26 +78,32 @@ class _Row:
 
 @dataclass(eq=False)
 class _Pending:
-    """A ``sample`` call waiting for its result; the decode thread wakes it on its own loop."""
+    """A ``sample`` call waiting for its result (or for its turn to drive the batch)."""
 
     row: _Row
-    token: object
-    """The caller's event loop (``anyio.lowlevel.current_token()``)."""
     arrived: float = field(default_factory=time.monotonic)
-    done: anyio.Event = field(default_factory=anyio.Event)
+    wakeup: anyio.Event = field(default_factory=anyio.Event)
     result: SampledTokens | None = None
     error: BaseException | None = None
+    abandoned: bool = False
+    """The caller was cancelled; its row may still decode, but nobody waits for it."""
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None or self.error is not None
 
 
 class HFSampler:
     """A ``Sampler`` over a Hugging Face causal LM (plain or peft), on CPU or GPU.
 
-    Decoding runs in one background thread with continuous batching: requests join the running
-    batch between decoding steps and each leaves (its episode resumes) as soon as it stops.
+    Decoding runs on the event loop's thread with continuous batching: requests join the
+    running batch between decoding steps and each leaves (its episode resumes) as soon as it
+    stops. Use one event loop per sampler.
 
-    ``model`` may be the very module being trained: sampling runs in eval mode without
-    gradients and puts the module back in train mode when the batch drains, so samples always
-    come from the current weights. Call ``update_weights`` between rollouts, not during."""
+    ``model`` may be the very module being trained: decoding runs in eval mode without
+    gradients and puts the module back in train mode after each turn at the wheel, so samples
+    always come from the current weights. Call ``update_weights`` between rollouts, not
+    during."""
 
     def __init__(
         self,
@@ -118,9 +129,9 @@ class HFSampler:
         """Episodes that will call ``sample`` again; new requests join the batch as soon as
         all of them wait (else after ``batch_window_s``)."""
         self._pending: list[_Pending] = []
-        self._mutex = threading.Lock()
-        self._wake = threading.Event()
-        self._worker: threading.Thread | None = None
+        self._batch: _Batch | None = None
+        self._driving = False
+        self._arrival = anyio.Event()
         self._generator = torch.Generator(device=_device_of(model))
         self._generator.manual_seed(seed if seed is not None else torch.seed())
         self.stats = {"admissions": 0, "steps": 0, "rows": 0, "tokens": 0}
@@ -134,7 +145,7 @@ class HFSampler:
             yield
         finally:
             self.active_episodes -= 1
-            self._wake.set()
+            self._arrival.set()
 
     def reseed(self, seed: int) -> None:
         """Restart the sampling random stream (the trainer reseeds per step, so a resumed run
@@ -146,14 +157,21 @@ class HFSampler:
         self.model = model
 
     async def sample(self, prompt: Sequence[int], params: SamplingParams) -> SampledTokens:
-        request = _Pending(_make_row(prompt, params), anyio.lowlevel.current_token())
-        with self._mutex:
-            self._pending.append(request)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._serve, name="hf-sampler", daemon=True)
-                self._worker.start()
-        self._wake.set()
-        await request.done.wait()
+        request = _Pending(_make_row(prompt, params))
+        self._pending.append(request)
+        self._arrival.set()
+        try:
+            while not request.finished:
+                if self._driving:
+                    await request.wakeup.wait()
+                    request.wakeup = anyio.Event()
+                else:
+                    await self._drive(until=request)
+        except BaseException:
+            request.abandoned = True
+            if request in self._pending:
+                self._pending.remove(request)
+            raise
         if request.error is not None:
             raise request.error
         assert request.result is not None
@@ -171,35 +189,63 @@ class HFSampler:
                 batch.step()
         return [row.result() for row in rows]
 
-    # ---- the decode thread ----------------------------------------------------------------
+    # ---- the continuous batch -------------------------------------------------------------
 
-    def _serve(self) -> None:
-        """Admit waiting requests between steps, step, hand finished rows back; exit when
-        nothing is left (the next ``sample`` starts a new thread)."""
-        batch = _Batch(self)
+    async def _drive(self, until: _Pending) -> None:
+        """Admit and decode until ``until`` finishes, yielding to the other tasks between steps;
+        then hand the wheel to another waiting call."""
+        self._driving = True
         try:
-            with self._eval_mode():
-                while True:
-                    with self._mutex:
-                        admitted = self._take_admissible(len(batch.rows))
-                        if not admitted and not batch.rows and not self._pending:
-                            self._worker = None
-                            return
-                    if admitted:
-                        self._finish(batch.admit([r.row for r in admitted], admitted))
-                    if batch.rows:
-                        self._finish(batch.step())
-                    elif not admitted:
-                        self._wake.wait(self.batch_window_s / 4)
-                        self._wake.clear()
-        except BaseException as error:
-            with self._mutex:
-                failed = batch.requests + self._pending
-                self._pending = []
-                self._worker = None
-            for request in failed:
-                request.error = error
-                _wake(request)
+            await anyio.lowlevel.checkpoint()  # episodes started beside this one queue up first
+            while not until.finished:
+                if self._batch is None or not self._batch.rows:
+                    self._batch = _Batch(self)  # picks up the current weights
+                self._batch.drop_abandoned()
+                admitted = self._take_admissible(len(self._batch.rows))
+                if not admitted and not self._batch.rows:
+                    await self._await_arrivals()
+                    continue
+                try:
+                    with self._eval_mode():
+                        finished = []
+                        if admitted:
+                            finished = self._batch.admit([r.row for r in admitted], admitted)
+                        if self._batch.rows:
+                            finished += self._batch.step()
+                except Exception as error:
+                    self._fail(admitted, error)
+                    continue
+                self._finish(finished)
+                await anyio.lowlevel.checkpoint()  # let finished episodes run their tools
+        finally:
+            self._driving = False
+            self._hand_over(skip=until)
+
+    async def _await_arrivals(self) -> None:
+        """Nothing to decode yet: wait for new requests or for the window to close."""
+        self._arrival = anyio.Event()
+        window = self.batch_window_s
+        if self._pending:
+            window -= time.monotonic() - self._pending[0].arrived
+        with anyio.move_on_after(max(window, 0.0)):
+            await self._arrival.wait()
+
+    def _hand_over(self, skip: _Pending) -> None:
+        """Wake one call that is still waiting, so it drives the rest of the batch."""
+        waiting = [*(self._batch.requests if self._batch else []), *self._pending]
+        for request in waiting:
+            if request is not skip and not request.finished and not request.abandoned:
+                request.wakeup.set()
+                return
+
+    def _fail(self, admitted: list[_Pending], error: Exception) -> None:
+        """A decoding step failed: every call in the batch (or joining it) gets the error, and
+        the next call starts a fresh batch."""
+        failed = {*admitted, *(self._batch.requests if self._batch else [])}
+        self._batch = None
+        for request in failed:
+            request.error = error
+            request.wakeup.set()
 
     def _take_admissible(self, running: int) -> list[_Pending]:
         """Requests to prefill now: all pending (up to the batch size) once every tracked
@@ -221,15 +267,16 @@ class HFSampler:
     def _finish(self, finished: list[_Pending]) -> None:
         for request in finished:
             request.result = request.row.result()
-            _wake(request)
+            request.wakeup.set()
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
         model = self.model
         was_training = model.training
-        model.eval()
+        if was_training:
+            model.eval()
         try:
-            with torch.no_grad():  # grad mode is per thread
+            with torch.no_grad():
                 yield
         finally:
             if was_training:
@@ -312,6 +359,12 @@ class _Batch:
         part.next_logits = out.logits[:, -1, :].float()
         return done
 
+    def drop_abandoned(self) -> None:
+        """Stop decoding rows whose callers were cancelled."""
+        request_of = self._request_of
+        gone = [i for i, r in enumerate(self.rows) if r in request_of and request_of[r].abandoned]
+        self._drop(gone)
+
     def _drop(self, indices: list[int]) -> list[_Pending]:
         """Remove rows from the batch; return their requests."""
         if not indices:
@@ -391,12 +444,6 @@ class _Batch:
             row.sampling_logprobs.append(s_lp)
             row.model_logprobs.append(m_lp)
         return tokens
-
-
-def _wake(request: _Pending) -> None:
-    """Set the request's event on its own event loop (from the decode thread)."""
-    with contextlib.suppress(RuntimeError):  # that loop is gone: nobody waits any more
-        anyio.from_thread.run_sync(request.done.set, token=request.token)
 
 
 def _make_row(prompt: Sequence[int], params: SamplingParams) -> _Row:

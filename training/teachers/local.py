@@ -9,9 +9,10 @@ its [T, V] logits anyway (full-vocabulary losses): T x V x 4 bytes per sequence.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import anyio
+import anyio.lowlevel
 import torch
 
 from training.types import ScoreRequest, TeacherScores
@@ -38,21 +39,37 @@ class LocalTeacher:
         self._lock = anyio.Lock()
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[TeacherScores]:
+        """Scores on the event loop's thread, with a checkpoint between batches: a worker
+        thread would run its own OpenMP team beside the trainer's, which on a few CPU cores
+        makes both slower (see ``training.samplers.hf``)."""
         async with self._lock:
-            return await anyio.to_thread.run_sync(self.score_sync, list(requests))
+            requests = list(requests)
+            results: list[TeacherScores | None] = [None] * len(requests)
+            for _ in self._score_batches(requests, results):
+                await anyio.lowlevel.checkpoint()
+            return results  # type: ignore[return-value]
 
     async def close(self) -> None:
         return None
 
     def score_sync(self, requests: Sequence[ScoreRequest]) -> list[TeacherScores]:
         """Blocking ``score``."""
+        requests = list(requests)
         results: list[TeacherScores | None] = [None] * len(requests)
+        for _ in self._score_batches(requests, results):
+            pass
+        return results  # type: ignore[return-value]
+
+    def _score_batches(
+        self, requests: list[ScoreRequest], results: list[TeacherScores | None]
+    ) -> Iterator[None]:
+        """Fill ``results``, one batch per step (yields before each batch)."""
         for batch in _batches(requests, self.max_batch_tokens):
+            yield
             for index, scores in zip(
                 batch, self._score_batch([requests[i] for i in batch]), strict=True
             ):
                 results[index] = scores
-        return results  # type: ignore[return-value]
 
     @torch.no_grad()
     def _score_batch(self, requests: list[ScoreRequest]) -> list[TeacherScores]:
