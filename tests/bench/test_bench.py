@@ -13,6 +13,7 @@ import pytest
 
 from bench import common
 from bench.__main__ import run_one
+from sandboxes.testing import in_ci
 
 REPO = Path(__file__).resolve().parents[2]
 CONTEXT = {"bench": str, "mode": str, "date": str, "machine": str, "load_average_1m_start": float}
@@ -43,9 +44,15 @@ def test_sandboxes_quick():
 
     result = sandboxes.main(quick=True)
     check_context(result, "sandboxes")
-    # Each backend is measured or skipped with the reason.
+    # Each backend is measured or skipped with the reason; in CI both must be measured.
     assert ("local_exec" in result) != ("local_skipped" in result)
     assert ("docker_exec" in result) != ("docker_skipped" in result)
+    if in_ci():
+        assert "local_skipped" not in result, result["local_skipped"]
+        assert "docker_skipped" not in result, result["docker_skipped"]
+    if "docker_exec" in result:
+        assert result["docker_exec"]["n"] == 50
+        assert result["docker_concurrent"]["failures"] == 0
     if "local_exec" in result:
         assert result["local_exec"]["n"] == 50
         assert result["local_concurrent"] == {
