@@ -127,8 +127,9 @@ async def test_sigterm_and_ctrl_c_clean_up_before_exiting(
 
 
 @pytest.mark.docker
-async def test_containers_carry_the_labels_that_make_reaping_possible(docker_factory) -> None:
-    async with await docker_factory.create(SandboxSpec(name="labelled", memory_mb=256)) as box:
+async def test_containers_carry_the_reaping_labels_and_the_spec_limits(docker_factory) -> None:
+    spec = SandboxSpec(name="labelled", memory_mb=256, cpus=0.5, cpu_time_s=7)
+    async with await docker_factory.create(spec) as box:
         info = docker_factory.api.inspect_container(box.container_id)
         labels = info["Config"]["Labels"]
         assert labels["apprentice.sandbox"] == "1"
@@ -139,6 +140,8 @@ async def test_containers_carry_the_labels_that_make_reaping_possible(docker_fac
         assert host["NetworkMode"] == "none"
         assert host["Memory"] == 256 * 1024 * 1024 and host["MemorySwap"] == host["Memory"]
         assert host["PidsLimit"] == 512
+        assert host["NanoCpus"] == 500_000_000
+        assert host["Ulimits"] == [{"Name": "cpu", "Soft": 7, "Hard": 7}]
 
 
 @pytest.mark.docker

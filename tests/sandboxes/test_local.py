@@ -1,10 +1,11 @@
 """What only the bubblewrap backend promises: the host's root is read-only, host secrets are
 absent, the sandbox runs as its own unprivileged host uid, and it starts fast enough to be the
-default."""
+default. Also its CPU-time limit (``RLIMIT_CPU`` on pid 1, inherited by every command)."""
 
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,14 @@ async def test_unreachable_root_is_a_clear_error(tmp_path: Path, bwrap: None) ->
     private.mkdir(mode=0o700)
     with pytest.raises(SandboxStartError, match="not reachable"):
         await LocalSandbox.create(SandboxSpec(name="x"), root=private / "sandboxes")
+
+
+async def test_a_busy_loop_dies_at_its_cpu_time_limit(local_factory: LocalFactory) -> None:
+    spec = SandboxSpec(name="spin", cpu_time_s=1)
+    async with await local_factory.create(spec) as sandbox:
+        spin = await sandbox.exec("ulimit -t; while :; do :; done", timeout=120)
+        assert spin.stdout == "1\n" and not spin.timed_out, spin
+        # killed by the kernel: SIGXCPU at the soft limit or SIGKILL at the hard one
+        assert spin.exit_code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL), spin
+        # the limit is per process: the sandbox itself lives on
+        assert (await sandbox.exec("echo alive")).stdout == "alive\n"
