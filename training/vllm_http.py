@@ -33,7 +33,10 @@ SERVE_HINT = (
 
 class CompletionsClient:
     """POSTs JSON with bounded concurrency; retries connection errors, timeouts, 429 and 5xx
-    with exponential backoff and jitter; fails with ``error_type`` naming the URL."""
+    with exponential backoff and jitter; fails with ``error_type`` naming the URL.
+
+    ``transport`` replaces the network (tests simulate a flaky server with
+    ``httpx.MockTransport``)."""
 
     def __init__(
         self,
@@ -45,6 +48,7 @@ class CompletionsClient:
         max_attempts: int = 5,
         backoff_s: float = 0.5,
         timeout_s: float = 600.0,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.what = what
@@ -56,6 +60,7 @@ class CompletionsClient:
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=10.0),
             limits=httpx.Limits(max_connections=max_concurrency),
+            transport=transport,
         )
 
     async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:

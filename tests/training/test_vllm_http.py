@@ -1,0 +1,82 @@
+"""The vLLM HTTP client's retries, against a simulated flaky server (``httpx.MockTransport``):
+connection errors, 503 and 429 are retried with growing waits until the server answers;
+running out of attempts, or a 4xx, is an error that names the URL."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from training.errors import TeacherServerError
+from training.vllm_http import CompletionsClient
+
+pytestmark = pytest.mark.anyio
+
+URL = "http://vllm.test:8000"
+ANSWER = {"choices": [{"text": "ok"}]}
+
+
+class FlakyServer:
+    """Answers each request with the next scripted reply (then 200 with ``ANSWER``), recording
+    when each request arrived."""
+
+    def __init__(self, *replies: int | type[httpx.TransportError]) -> None:
+        self.replies = list(replies)
+        self.arrivals: list[float] = []
+        self.paths: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.arrivals.append(time.monotonic())
+        self.paths.append(request.url.path)
+        reply = self.replies.pop(0) if self.replies else 200
+        if isinstance(reply, type):
+            raise reply("simulated", request=request)
+        if reply == 200:
+            return httpx.Response(200, json=ANSWER)
+        return httpx.Response(reply, text=f"simulated {reply}")
+
+
+def client(server: FlakyServer, **options) -> CompletionsClient:
+    return CompletionsClient(
+        URL,
+        what="vLLM teacher",
+        error_type=TeacherServerError,
+        transport=httpx.MockTransport(server),
+        **options,
+    )
+
+
+async def test_transient_failures_are_retried_with_backoff_until_the_server_answers():
+    server = FlakyServer(httpx.ConnectError, 503, 429)
+    backoff = 0.05
+    http = client(server, max_attempts=5, backoff_s=backoff)
+    assert await http.post("/v1/completions", {"prompt": [1]}) == ANSWER
+    await http.aclose()
+    assert server.paths == ["/v1/completions"] * 4
+    # waits of backoff * 2**(attempt - 1), jittered down to no less than half of that
+    gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:], strict=False)]
+    for attempt, gap in enumerate(gaps, start=1):
+        assert gap >= 0.5 * backoff * 2 ** (attempt - 1), gaps
+
+
+async def test_running_out_of_attempts_names_the_url_and_the_last_failure():
+    server = FlakyServer(*[503] * 10)
+    http = client(server, max_attempts=3, backoff_s=0.001)
+    with pytest.raises(TeacherServerError) as error:
+        await http.post("/v1/completions", {"prompt": [1]})
+    await http.aclose()
+    assert len(server.arrivals) == 3
+    message = str(error.value)
+    assert f"vLLM teacher at {URL} failed after 3 attempts (HTTP 503: simulated 503)" in message
+    assert "scripts/vllm_cpu.py serve" in message
+
+
+async def test_a_client_error_is_not_retried():
+    server = FlakyServer(400)
+    http = client(server, max_attempts=5, backoff_s=0.001)
+    with pytest.raises(TeacherServerError, match=f"vLLM teacher at {URL} rejected POST"):
+        await http.post("/v1/completions", {"prompt": [1]})
+    await http.aclose()
+    assert len(server.arrivals) == 1
