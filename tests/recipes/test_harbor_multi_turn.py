@@ -1,12 +1,14 @@
 """The multi-turn Harbor distillation recipe end to end on tiny random models, real bundled
-Harbor tasks in real bubblewrap sandboxes; its reference demonstrations solve the tasks; every
-key is in --help; bad configs and bad task folders exit with status 2 and a message that names
-the problem."""
+Harbor tasks in real bubblewrap sandboxes; its reference demonstrations solve the tasks; lmbda
+mixes in seeded off-policy steps (reference solutions or teacher-written turns); every key is in
+--help; bad configs and bad task folders exit with status 2 and a message that names the
+problem."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -20,16 +22,19 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from envs.harbor.builders import HarborDatasetBuilder, HarborEnvConfig
 from envs.harbor.tasks import SUITE_DIR, load_tasks
+from envs.harbor.teacher_view import solution_commands
 from recipes.cli import run_cli
 from recipes.distillation.harbor_multi_turn import Config, check_backend, main, reference_script
 from tool_use.renderers import get_renderer
 from tool_use.trajectory import read_jsonl
 from training.eval import evaluate
 from training.metrics import read_metrics
+from training.off_policy import LmbdaMix
 from training.rollouts import RolloutSettings, ScriptedPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_TASKS = ["chmod-secret", "count-words"]
+MIX_TASKS = ["hello-file", "count-lines"]
 
 pytestmark = pytest.mark.bwrap
 
@@ -97,6 +102,10 @@ def test_end_to_end_on_tiny_models_and_bundled_tasks(tiny_dirs, tmp_path, capsys
     assert (result.exported["adapter"] / "adapter_config.json").is_file()
     merged = LlamaForCausalLM.from_pretrained(result.exported["merged"])
     assert merged.config.vocab_size == 49152
+    # the reports: the KL plot, and the viewer with episodes of both steps
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
+    viewer = (tmp_path / "rollouts.html").read_text()
+    assert "<h2>step_0001.jsonl" in viewer and "<h2>step_0002.jsonl" in viewer
 
     out = capsys.readouterr().out
     assert "teacher KL" in out and "after   0 steps: " in out and str(tmp_path) in out
@@ -120,6 +129,97 @@ def test_reference_demonstrations_solve_their_tasks(smollm2_tokenizer):
     )
     assert metrics["eval/episodes/invalid"] == 0
     assert metrics["eval/success_rate"] == 1.0, [t.messages[-2:] for t in trajectories]
+
+
+def mix_config(tiny_dirs, log_path: Path, **overrides) -> Config:
+    """Small lmbda runs: two tasks, one episode each, no evaluation, no warm start."""
+    options = dict(
+        tasks=[str(SUITE_DIR / name) for name in MIX_TASKS],
+        eval_tasks=[],
+        max_steps=3,
+        sft_warmup_steps=0,
+        group_size=1,
+        max_tokens=96,  # the reference commands fit
+        save_every=0,
+        export_merged=False,
+        seed=1,
+    )
+    return tiny_config(tiny_dirs, log_path, **{**options, **overrides})
+
+
+def test_lmbda_mixes_reference_solution_steps_into_distillation(tiny_dirs, tmp_path):
+    anyio.run(main, mix_config(tiny_dirs, tmp_path, lmbda=0.5))
+
+    records = read_metrics(tmp_path)
+    choices = LmbdaMix(0.5, policy=None, objective=None, seed=1)  # type: ignore[arg-type]
+    expected = [0.0 if choices.on_policy(step) else 1.0 for step in range(3)]
+    assert expected == [0.0, 1.0, 0.0], "seed 1 gives on-, off-, on-policy steps"
+    assert [r["phase/off_policy"] for r in records] == expected
+    solutions = {
+        t.name: t.reference_solution for t in load_tasks(*(SUITE_DIR / n for n in MIX_TASKS))
+    }
+    for record, off in zip(records, expected, strict=True):
+        episodes = list(read_jsonl(tmp_path / "rollouts" / f"step_{record['step']:04d}.jsonl"))
+        assert len(episodes) == 2
+        if off:  # SFT on the reference solutions, replayed as real bash calls; no teacher KL
+            assert record["loss/nll"] > 0 and "teacher_kl" not in record
+            assert record["env/tool_calls"] == 1.0
+            for episode in episodes:
+                (call,) = episode.messages[2].tool_calls
+                command = json.loads(call.arguments)["command"]
+                assert command == solution_commands(solutions[episode.metadata["task"]])
+                assert episode.messages[3].content.startswith("exit code: 0")
+        else:  # the student's own samples, scored by the teacher
+            assert math.isfinite(record["teacher_kl"]) and "loss/nll" not in record
+
+
+def test_lmbda_1_makes_every_step_on_policy(tiny_dirs, tmp_path):
+    anyio.run(main, mix_config(tiny_dirs, tmp_path, lmbda=1.0))
+
+    records = read_metrics(tmp_path)
+    assert len(records) == 3
+    for record in records:  # no mix at all: every step samples the student
+        assert record.get("phase/off_policy", 0.0) == 0.0 and "loss/nll" not in record
+        assert math.isfinite(record["teacher_kl"])
+
+
+def test_lmbda_with_teacher_written_turns(tiny_dirs, tmp_path):
+    anyio.run(
+        main,
+        mix_config(
+            tiny_dirs, tmp_path, lmbda=0.0, off_policy_source="teacher", loss="jsd", max_steps=1
+        ),
+    )
+
+    (record,) = read_metrics(tmp_path)
+    assert record["phase/off_policy"] == 1.0 and "teacher_kl" not in record
+    assert record["loss/divergence"] > 0 and record["episodes/valid"] == 2
+
+
+def test_lmbda_needs_reference_solutions_and_a_teacher_at_start_up(tiny_dirs, tmp_path, capsys):
+    student, teacher = tiny_dirs
+    models = [f"model_name={student}", f"teacher_model={teacher}"]
+    code, err = run(
+        [
+            *models,
+            "lmbda=0.5",
+            "off_policy_source=teacher",
+            "sft_warmup_steps=1",
+            "teacher_from_warmup=true",
+            f"log_path={tmp_path / 'a'}",
+        ],
+        capsys,
+    )
+    assert code == 2 and "off_policy_source=teacher with teacher_from_warmup=true" in err
+
+    unsolved = tmp_path / "unsolved"
+    shutil.copytree(SUITE_DIR / "hello-file", unsolved)
+    shutil.rmtree(unsolved / "solution")
+    code, err = run(
+        [*models, f"tasks={unsolved}", "lmbda=0.5", f"log_path={tmp_path / 'b'}"], capsys
+    )
+    assert code == 2 and "off_policy_source=dataset replays each task's reference solution" in err
+    assert "unsolved" in err and not (tmp_path / "b").exists()
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:
