@@ -1,9 +1,11 @@
-"""What every training recipe shares: the model keys, loading the student and teachers, the log
-folder, the closing summary and reports, and the command line's error handling.
+"""What every training recipe shares: the model keys, loading the student and teachers, GKD's
+``lmbda`` mix of on-policy and off-policy steps, the log folder, the closing summary and
+reports, and the command line's error handling.
 
 A recipe's ``Config`` derives from ``TrainerConfig`` (the loop's knobs), ``StudentKeys`` (and
-``TeacherKeys`` when it has one teacher) and ``RecipeConfig``; its ``main(config)`` builds the
-parts with the functions here and calls ``run_training``.
+``TeacherKeys`` when it has one teacher, ``MixKeys`` when it mixes in off-policy steps) and
+``RecipeConfig``; its ``main(config)`` builds the parts with the functions here and calls
+``run_training``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,11 +25,15 @@ from pydantic import BaseModel, Field
 
 from envs.errors import EnvsError
 from recipes.cli import ConfigError, RecipeConfig, parse_cli
-from recipes.distillation import harbor_multi_turn
 from tool_use.renderers import get_renderer
 from tool_use.renderers.base import Renderer, RendererError
 from training import models
 from training.errors import ModelLoadError, TrainingError
+from training.objectives import make_objective
+from training.off_policy import LmbdaMix, TeacherPolicy, off_policy_objective
+from training.rollouts import Policy
+from training.samplers import HFSampler
+from training.samplers.vllm import VLLMServerSampler
 from training.teachers import LocalTeacher, VLLMServerTeacher
 from training.trainer import Trainer, TrainResult
 from training.types import Teacher
@@ -85,6 +92,27 @@ class TeacherSpec(RecipeConfig):
     """A vLLM server that scores for it (None: it runs in this process)."""
     served_name: str | None = None
     """The model name that server serves (default: model)."""
+
+
+class OffPolicySource(StrEnum):
+    """Where off-policy steps (``lmbda`` < 1) take their assistant turns from."""
+
+    DATASET = "dataset"
+    """The data's own references, replayed: a prompt row's trailing assistant messages, a
+    Harbor task's reference solution (solution/solve.sh as one bash call)."""
+    TEACHER = "teacher"
+    """The teacher generates them, from its own (privileged) view of each episode."""
+
+
+class MixKeys(RecipeConfig):
+    """GKD's mixing of on-policy and off-policy steps."""
+
+    lmbda: float = Field(1.0, ge=0.0, le=1.0)
+    """Probability that a step is on-policy (student samples); the others are off-policy
+    (turns written by off_policy_source). 1: pure on-policy distillation; 0: pure off-policy."""
+    off_policy_source: OffPolicySource = OffPolicySource.DATASET
+    """Who writes the off-policy turns: dataset (the rows' reference responses, the tasks'
+    reference solutions) | teacher (generated from its privileged view)."""
 
 
 @dataclass
@@ -166,6 +194,51 @@ def single_teacher(config: Any) -> TeacherSpec:
     )
 
 
+def teacher_policy(teacher: LoadedTeacher, config: Any) -> Policy:
+    """The teacher writes every turn, from its own view of each episode (at ``temperature``)."""
+    if teacher.model is not None:
+        sampler: Any = HFSampler(teacher.model, teacher.tokenizer, seed=config.seed)
+    else:
+        spec = single_teacher(config)
+        assert spec.url is not None
+        sampler = VLLMServerSampler(
+            spec.url, spec.served_name or spec.model, tokenizer=teacher.tokenizer, seed=config.seed
+        )
+    return TeacherPolicy(sampler, teacher.renderer, temperature=config.temperature)
+
+
+def lmbda_mix(
+    config: Any,
+    references: Callable[[], Policy],
+    teacher: LoadedTeacher | None,
+    full_vocabulary: bool,
+) -> LmbdaMix | None:
+    """The off-policy half of the ``lmbda`` mix (None when ``lmbda`` is 1). ``references``
+    builds the replay of the data's references (``off_policy_source=dataset``), raising
+    ``ConfigError`` when some have none; ``teacher`` writes the turns otherwise."""
+    if config.lmbda >= 1.0:
+        return None
+    if config.off_policy_source is OffPolicySource.DATASET:
+        policy = references()
+    else:
+        if teacher is None:
+            raise ConfigError("off_policy_source=teacher needs a teacher loaded at start-up")
+        policy = teacher_policy(teacher, config)
+    objective = make_objective(
+        config.loss,
+        temperature=config.temperature,
+        kl_penalty_coef=config.kl_penalty_coef,
+        kl_discount_factor=config.kl_discount_factor,
+        clip_ratio=config.clip_ratio,
+        beta=config.beta,
+        top_k=config.top_k,
+        full_vocabulary=full_vocabulary,
+    )
+    return LmbdaMix(
+        config.lmbda, policy, off_policy_objective(config.loss, objective), seed=config.seed
+    )
+
+
 def default_log_path(recipe: str, config: Any) -> Path:
     """``log_path``, else the run ``resume`` points at, else ``runs/<recipe>-<timestamp>``."""
     if config.log_path:
@@ -181,25 +254,58 @@ def check_resume(config: Any) -> None:
         raise ConfigError("resume=true continues the run in log_path: set log_path=RUN_FOLDER")
 
 
-async def run_training(trainer: Trainer, teachers: Sequence[Any] = ()) -> TrainResult:
-    """Train (the trainer writes the reports at the end), close the teachers, print the
-    summary."""
+async def run_training(trainer: Trainer) -> TrainResult:
+    """Train (the trainer writes the reports at the end), close the teacher (also one made
+    during the run, ``teacher_from_warmup``), print the summary."""
     try:
         result = await trainer.train()
     finally:
-        for teacher in teachers:
-            await teacher.close()
+        if trainer.teacher is not None:
+            await trainer.teacher.close()
     print(summary(result))
     return result
 
 
 def summary(result: TrainResult) -> str:
-    """The closing lines of ``harbor_multi_turn`` (teacher KL, evals, checkpoint, export) and
-    where the reports are."""
-    return (
-        harbor_multi_turn.summary(result)
-        + f"\n  reports:     {result.log_path / 'report.png'}, {result.log_path / 'rollouts.html'}"
+    """The closing lines: teacher KL first -> last step, eval success before -> after (and in
+    between), where the checkpoint, export, logs and reports are."""
+    h = result.history
+
+    def num(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        "",
+        f"Done: {result.steps} steps.",
+        f"  teacher KL   step {h.get('teacher_kl_first_step', '-')}: "
+        f"{num(h.get('teacher_kl_first'))}  ->  step {h.get('teacher_kl_last_step', '-')}: "
+        f"{num(h.get('teacher_kl_last'))}",
+        "  eval success on held-out tasks:",
+    ]
+    for e in h.get("evals", []):
+        calls = f"   ({e['tool_calls']:.2f} tool calls/episode)" if "tool_calls" in e else ""
+        lines.append(f"    after {e['step']:>3} steps: {num(e['success_rate'])}{calls}")
+    lines += [
+        f"  logs:        {result.log_path} (metrics.jsonl, rollouts/, config.json)",
+        f"  checkpoint:  {result.checkpoint}",
+    ]
+    lines += [f"  export:      {path} ({kind})" for kind, path in result.exported.items()]
+    lines.append(
+        f"  reports:     {result.log_path / 'report.png'}, {result.log_path / 'rollouts.html'}"
     )
+    return "\n".join(lines)
+
+
+def quiet_libraries() -> None:
+    """Terminal output for people: no per-file loading bars from transformers, no deprecation
+    noise from peft's use of transformers."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
 def cli[C: BaseModel](
@@ -207,7 +313,7 @@ def cli[C: BaseModel](
 ) -> int:
     """Parse, run ``main``; a bad config, bad data, models that cannot work together: one
     paragraph on stderr and exit status 2, no traceback."""
-    harbor_multi_turn.quiet_libraries()
+    quiet_libraries()
     try:
         config = parse_cli(config_cls, argv)
     except ConfigError as error:

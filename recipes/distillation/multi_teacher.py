@@ -37,17 +37,20 @@ from envs.prompts import PromptDataset, PromptDatasetBuilder, PromptDatasetConfi
 from recipes.cli import ConfigError, RecipeConfig, dump_config
 from recipes.common import (
     LoadedTeacher,
+    MixKeys,
+    OffPolicySource,
     Student,
     TeacherSpec,
     check_resume,
     cli,
     default_log_path,
+    lmbda_mix,
     load_student,
     load_teacher,
     run_training,
 )
 from recipes.distillation.harbor_multi_turn import check_backend
-from recipes.distillation.on_policy import DATA_DIR, MixKeys, OffPolicySource, lmbda_mix
+from recipes.distillation.on_policy import DATA_DIR, PromptKeys, dataset_policy
 from training.objectives import LossName
 from training.samplers import HFSampler
 from training.teachers.multi import BlendedTeacher, RoutedTeacher, TeacherMember
@@ -88,7 +91,7 @@ def _default_teachers() -> list[TeacherSpec]:
     return [TeacherSpec(route="math"), TeacherSpec(route="geo")]
 
 
-class Config(TrainerConfig, MixKeys):
+class Config(TrainerConfig, MixKeys, PromptKeys):
     """On-policy distillation from several teachers, routed or blended."""
 
     teachers: list[TeacherSpec] = Field(default_factory=_default_teachers, min_length=1)
@@ -267,7 +270,7 @@ def build_trainer(config: Config) -> Trainer:
         full_vocabulary_teacher=full,
         dataset=data.dataset,
         eval_dataset=data.validation,
-        off_policy=lmbda_mix(config, data.prompt_sets, student, None, full),
+        off_policy=lmbda_mix(config, lambda: dataset_policy(data.prompt_sets, student), None, full),
         log_path=log_path,
         run_config={**dump_config(config), "log_path": str(log_path)},
     )
@@ -275,7 +278,7 @@ def build_trainer(config: Config) -> Trainer:
 
 async def main(config: Config) -> TrainResult:
     trainer = build_trainer(config)
-    return await run_training(trainer, [trainer.teacher])
+    return await run_training(trainer)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pydantic import Field
 
 from recipes.cli import dump_config
 from recipes.common import (
+    OffPolicySource,
     TeacherKeys,
     check_resume,
     cli,
@@ -30,14 +31,9 @@ from recipes.common import (
     load_teacher,
     run_training,
     single_teacher,
-)
-from recipes.distillation.on_policy import (
-    OffPolicySource,
-    PromptKeys,
-    dataset_policy,
-    prompt_datasets,
     teacher_policy,
 )
+from recipes.distillation.on_policy import PromptKeys, dataset_policy, prompt_datasets
 from training.objectives import SFT
 from training.off_policy import LmbdaMix
 from training.samplers import HFSampler
@@ -90,7 +86,7 @@ def build_trainer(config: Config) -> Trainer:
 
 async def main(config: Config) -> TrainResult:
     trainer = build_trainer(config)
-    return await run_training(trainer, [trainer.teacher] if trainer.teacher else [])
+    return await run_training(trainer)
 
 
 if __name__ == "__main__":

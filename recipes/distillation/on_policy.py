@@ -19,7 +19,6 @@ arithmetic_val.jsonl).
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,37 +27,27 @@ from pydantic import Field
 from envs.prompts import PromptDataset, PromptDatasetBuilder, PromptDatasetConfig
 from recipes.cli import ConfigError, dump_config
 from recipes.common import (
-    LoadedTeacher,
+    MixKeys,
     Student,
     StudentKeys,
     TeacherKeys,
     check_resume,
     cli,
     default_log_path,
+    lmbda_mix,
     load_student,
     load_teacher,
     run_training,
     single_teacher,
 )
-from training.objectives import make_objective
-from training.off_policy import LmbdaMix, TeacherPolicy, off_policy_objective, reference_script
+from training.off_policy import reference_script
 from training.rollouts import Policy, ScriptedPolicy
 from training.samplers import HFSampler
-from training.samplers.vllm import VLLMServerSampler
 from training.trainer import Trainer, TrainerConfig, TrainResult
 
 RECIPE = "on_policy"
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 """The small example datasets shipped with the recipes."""
-
-
-class OffPolicySource(StrEnum):
-    """Where off-policy batches (``lmbda`` < 1) take their assistant turns from."""
-
-    DATASET = "dataset"
-    """The rows' reference responses (their trailing assistant messages)."""
-    TEACHER = "teacher"
-    """The teacher generates them, from its own (privileged) view of each prompt."""
 
 
 class PromptKeys(StudentKeys):
@@ -78,17 +67,7 @@ class PromptKeys(StudentKeys):
     """Passes over the training rows (each a fresh seeded shuffle)."""
 
 
-class MixKeys(PromptKeys):
-    """GKD's mixing of on-policy and off-policy steps."""
-
-    lmbda: float = Field(1.0, ge=0.0, le=1.0)
-    """Probability that a step is on-policy (student samples); the others are off-policy
-    (teacher-written responses). 1: pure on-policy distillation; 0: pure off-policy."""
-    off_policy_source: OffPolicySource = OffPolicySource.DATASET
-    """Off-policy responses: dataset (the rows' assistant turns) | teacher (generated)."""
-
-
-class Config(TrainerConfig, MixKeys, TeacherKeys):
+class Config(TrainerConfig, MixKeys, PromptKeys, TeacherKeys):
     """Single-turn on-policy distillation on a JSONL prompt dataset."""
 
     max_tokens: int = Field(64, ge=1)
@@ -135,50 +114,6 @@ def dataset_policy(datasets: list[PromptDataset], student: Student) -> Policy:
     return ScriptedPolicy(reference_script(responses), student.renderer)
 
 
-def teacher_policy(teacher: LoadedTeacher, config: Any) -> Policy:
-    """The teacher generates the responses, from its own view of each prompt."""
-    if teacher.model is not None:
-        sampler: Any = HFSampler(teacher.model, teacher.tokenizer, seed=config.seed)
-    else:
-        spec = single_teacher(config)
-        assert spec.url is not None
-        sampler = VLLMServerSampler(
-            spec.url, spec.served_name or spec.model, tokenizer=teacher.tokenizer, seed=config.seed
-        )
-    return TeacherPolicy(sampler, teacher.renderer, temperature=config.temperature)
-
-
-def lmbda_mix(
-    config: Any,
-    datasets: list[PromptDataset],
-    student: Student,
-    teacher: LoadedTeacher | None,
-    full_vocabulary: bool,
-) -> LmbdaMix | None:
-    """The off-policy half of the mix (None when ``lmbda`` is 1)."""
-    if config.lmbda >= 1.0:
-        return None
-    if config.off_policy_source is OffPolicySource.DATASET:
-        policy = dataset_policy(datasets, student)
-    else:
-        if teacher is None:
-            raise ConfigError("off_policy_source=teacher needs a teacher")
-        policy = teacher_policy(teacher, config)
-    objective = make_objective(
-        config.loss,
-        temperature=config.temperature,
-        kl_penalty_coef=config.kl_penalty_coef,
-        kl_discount_factor=config.kl_discount_factor,
-        clip_ratio=config.clip_ratio,
-        beta=config.beta,
-        top_k=config.top_k,
-        full_vocabulary=full_vocabulary,
-    )
-    return LmbdaMix(
-        config.lmbda, policy, off_policy_objective(config.loss, objective), seed=config.seed
-    )
-
-
 def build_trainer(config: Config) -> Trainer:
     """Everything the run needs, checked up front: rows, models, vocabulary, the mix."""
     check_resume(config)
@@ -197,7 +132,9 @@ def build_trainer(config: Config) -> Trainer:
         full_vocabulary_teacher=teacher.full_vocabulary,
         dataset=dataset,
         eval_dataset=validation,
-        off_policy=lmbda_mix(config, [dataset], student, teacher, teacher.full_vocabulary),
+        off_policy=lmbda_mix(
+            config, lambda: dataset_policy([dataset], student), teacher, teacher.full_vocabulary
+        ),
         log_path=log_path,
         run_config={**dump_config(config), "log_path": str(log_path)},
     )
@@ -205,7 +142,7 @@ def build_trainer(config: Config) -> Trainer:
 
 async def main(config: Config) -> TrainResult:
     trainer = build_trainer(config)
-    return await run_training(trainer, [trainer.teacher] if trainer.teacher else [])
+    return await run_training(trainer)
 
 
 if __name__ == "__main__":
