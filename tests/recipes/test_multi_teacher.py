@@ -1,6 +1,7 @@
 """recipes.distillation.multi_teacher end to end on tiny random models: rows routed to their
 teacher (each episode scored exactly by it), a teacher per dataset, blending, per-teacher
-metrics, and routes that match no teacher stopping the run before it starts."""
+metrics, a teacher's checkpoint loaded onto its model, and routes that match no teacher stopping
+the run before it starts."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from training import models
 from training.metrics import read_metrics
 from training.teacher_view import teacher_views
 from training.teachers import LocalTeacher
+from training.weights import load_weights
 
 DATA = Path(multi_teacher.__file__).resolve().parents[1] / "data"
 
@@ -52,8 +54,11 @@ def args(tiny_folders, log_path, **overrides) -> list[str]:
     return [f"{k}={v}" for k, v in options.items()]
 
 
-def scored_by(trajectory, folder: str, renderer) -> torch.Tensor:
-    teacher = LocalTeacher(models.load_model(folder, dtype="fp32"))
+def scored_by(trajectory, model, renderer) -> torch.Tensor:
+    """The logprobs ``model`` (or the model in a folder) gives the episode's sampled tokens."""
+    if isinstance(model, str):
+        model = models.load_model(model, dtype="fp32")
+    teacher = LocalTeacher(model)
     (view,) = teacher_views(trajectory, renderer, student_renderer=renderer)
     return view.to_student(teacher.score_sync([view.score_request()])[0].logprobs)
 
@@ -126,6 +131,39 @@ def test_blended_teachers_mix_by_weight(tiny_folders, tmp_path):
     assert record["loss/cross_entropy"] >= record["loss/target_entropy"] >= 0
     assert math.isfinite(record["teacher_kl/math"]) and math.isfinite(record["teacher_kl/geo"])
     assert record["teacher_kl/math"] != record["teacher_kl/geo"]
+
+
+def test_a_teacher_with_a_checkpoint_scores_with_its_weights(
+    tiny_folders, tmp_path, smollm2_tokenizer
+):
+    """A teacher's ``checkpoint`` (here: the checkpoint folder a 1-step run of the student
+    left) is loaded onto its model: its scores are the trained weights', not the base's."""
+    first = tmp_path / "first"
+    argv = args(tiny_folders, first, save_every=1, learning_rate=5e-2)
+    assert multi_teacher.cli(multi_teacher.main, multi_teacher.Config, argv) == 0
+    checkpoint = first / "checkpoints" / "step_000001"
+    assert (checkpoint / "state.json").is_file()
+
+    rows = tmp_path / "math.jsonl"
+    lines = [json.loads(line) for line in (DATA / "mixed.jsonl").read_text().splitlines()]
+    rows.write_text("".join(json.dumps(r) + "\n" for r in lines if r["teacher"] == "math"))
+    spec = [
+        {"model": tiny_folders["student"], "checkpoint": str(checkpoint), "route": "math"},
+        {"model": tiny_folders["teacher2"], "route": "geo"},
+    ]
+    log = tmp_path / "run"
+    argv = args(tiny_folders, log, teachers=json.dumps(spec), dataset=rows)
+    assert multi_teacher.cli(multi_teacher.main, multi_teacher.Config, argv) == 0
+
+    renderer = get_renderer(None, smollm2_tokenizer)
+    trained = load_weights(checkpoint, dtype="fp32").model
+    base = models.load_model(tiny_folders["student"], dtype="fp32")
+    step = list(read_jsonl(log / "rollouts" / "step_0001.jsonl"))
+    assert len(step) == 8 and {t.metadata["teacher"] for t in step} == {"math"}
+    for trajectory in step:
+        got = torch.tensor(trajectory.sequences[0].teacher_logprobs)
+        torch.testing.assert_close(got, scored_by(trajectory, trained, renderer), atol=1e-4, rtol=0)
+        assert (got - scored_by(trajectory, base, renderer)).abs().max() > 1e-2
 
 
 def test_a_route_no_teacher_answers_to_stops_the_run(tiny_folders, tmp_path, capsys):
