@@ -18,6 +18,8 @@ Literals and Enums checked against their allowed values, and ``module:attr`` imp
 fields typed as callables or classes (or marked :class:`Importable`). ``config=FILE``
 (.json, .toml, .yaml) loads a base config that the other arguments override. ``--help`` lists
 every key with its type, default and description; an unknown key suggests the closest ones.
+A config that inherits keys meaning nothing for its recipe lists them in ``excluded_keys``, each
+with the reason: they leave ``--help``, and setting one is an error that gives the reason.
 :func:`dump_config` writes the final config as JSON that ``config=`` reads back.
 """
 
@@ -36,10 +38,10 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import core_schema
 
@@ -57,6 +59,34 @@ class RecipeConfig(BaseModel):
     field is its description (shown by ``--help``)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    excluded_keys: ClassVar[Mapping[str, str]] = {}
+    """Inherited fields that mean nothing in this recipe, each with the reason (e.g. RL
+    inherits the trainer's distillation knobs). ``--help`` leaves them out; setting one, on the
+    command line, in a config file or from Python, is an error that gives the reason. They keep
+    their defaults, which the shared code may read; ``dump_config`` leaves them out."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        unknown = sorted(set(cls.excluded_keys) - set(cls.model_fields))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.excluded_keys names no field: {', '.join(unknown)}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_excluded_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            given = [name for name in cls.excluded_keys if name in data]
+            if given:
+                raise ValueError(
+                    "; ".join(_excluded_message(name, cls.excluded_keys[name]) for name in given)
+                )
+        return data
+
+
+def _excluded_message(key: str, reason: str) -> str:
+    return f"key {key!r} does not apply to this recipe: {reason}"
 
 
 # ----------------------------------------------------------------------------- imports
@@ -211,7 +241,10 @@ def _keys(model: type[BaseModel], prefix: str = "", parent: Any = None) -> dict[
     """Every dotted key of a config model: nested models give both a group key (set as JSON)
     and the keys of their fields."""
     found: dict[str, _Key] = {}
+    hidden = getattr(model, "excluded_keys", {})
     for name, field in model.model_fields.items():
+        if name in hidden:
+            continue
         key = prefix + name
         if isinstance(parent, BaseModel):
             default = getattr(parent, name)
@@ -224,6 +257,26 @@ def _keys(model: type[BaseModel], prefix: str = "", parent: Any = None) -> dict[
         if nested is not None:
             found.update(_keys(nested, key + ".", default))
     return found
+
+
+def _excluded(model: type[BaseModel], prefix: str = "") -> dict[str, str]:
+    """Every dotted key the config (or a nested one) excludes -> why it does not apply."""
+    found = {prefix + name: reason for name, reason in getattr(model, "excluded_keys", {}).items()}
+    for name, field in model.model_fields.items():
+        nested = _nested_model(field.annotation)
+        if nested is not None and prefix + name not in found:
+            found.update(_excluded(nested, f"{prefix}{name}."))
+    return found
+
+
+def _unknown_key(key: str, keys: dict[str, _Key], excluded: Mapping[str, str]) -> str:
+    """Why ``key`` is not a key: it (or the group it is in) is excluded, or it is unknown."""
+    parts = key.split(".")
+    for end in range(1, len(parts) + 1):
+        group = ".".join(parts[:end])
+        if group in excluded:
+            return _excluded_message(group, excluded[group])
+    return _suggest(key, list(keys))
 
 
 def _suggest(key: str, known: Sequence[str]) -> str:
@@ -336,15 +389,19 @@ def _resolve_imports(
 
 
 def _check_file_keys(
-    data: Mapping[str, Any], keys: dict[str, _Key], source: Path, prefix: str = ""
+    data: Mapping[str, Any],
+    keys: dict[str, _Key],
+    excluded: Mapping[str, str],
+    source: Path,
+    prefix: str = "",
 ) -> list[str]:
     errors = []
     for name, value in data.items():
         dotted = prefix + name
         if dotted not in keys:
-            errors.append(f"{source}: {_suggest(dotted, list(keys))}")
+            errors.append(f"{source}: {_unknown_key(dotted, keys, excluded)}")
         elif keys[dotted].is_group and isinstance(value, Mapping):
-            errors.extend(_check_file_keys(value, keys, source, dotted + "."))
+            errors.extend(_check_file_keys(value, keys, excluded, source, dotted + "."))
     return errors
 
 
@@ -459,6 +516,7 @@ def parse_cli[M: BaseModel](config_cls: type[M], argv: Sequence[str] | None = No
         print(format_help(config_cls), end="")
         raise SystemExit(0)
     keys = _keys(config_cls)
+    excluded = _excluded(config_cls)
     if CONFIG_KEY in keys:
         raise ConfigError(
             f"{config_cls.__name__} has a field named {CONFIG_KEY!r}: the key is reserved"
@@ -475,7 +533,7 @@ def parse_cli[M: BaseModel](config_cls: type[M], argv: Sequence[str] | None = No
         elif key == CONFIG_KEY:
             try:
                 loaded = load_config_file(value)
-                file_errors = _check_file_keys(loaded, keys, Path(value))
+                file_errors = _check_file_keys(loaded, keys, excluded, Path(value))
             except ConfigError as error:
                 file_errors = [str(error)]
             errors.extend(file_errors)
@@ -486,7 +544,7 @@ def parse_cli[M: BaseModel](config_cls: type[M], argv: Sequence[str] | None = No
     failed: set[str] = set()  # keys already reported: their validation errors would repeat
     for key, value in assignments:  # after the file, whatever the order: they override it
         if key not in keys:
-            errors.append(_suggest(key, list(keys)))
+            errors.append(_unknown_key(key, keys, excluded))
             continue
         try:
             _set(data, key, _coerce(key, value, keys[key].field))
@@ -512,8 +570,18 @@ def parse_cli[M: BaseModel](config_cls: type[M], argv: Sequence[str] | None = No
 
 def dump_config(config: BaseModel) -> dict[str, Any]:
     """The config as JSON-compatible data (callables and classes as ``module:attr``), which
-    ``config=`` and ``model_validate`` read back."""
-    return config.model_dump(mode="json", fallback=_json_fallback)
+    ``config=`` and ``model_validate`` read back; excluded keys are left out."""
+    return config.model_dump(mode="json", fallback=_json_fallback, exclude=_exclude_tree(config))
+
+
+def _exclude_tree(config: BaseModel) -> dict[str, Any]:
+    """``excluded_keys`` of the config and its nested configs, as ``model_dump``'s exclude."""
+    tree: dict[str, Any] = dict.fromkeys(getattr(type(config), "excluded_keys", {}), True)
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if name not in tree and isinstance(value, BaseModel) and (nested := _exclude_tree(value)):
+            tree[name] = nested
+    return tree
 
 
 def _json_fallback(value: Any) -> Any:

@@ -1,5 +1,6 @@
 """The key=value config machinery: parsing by type, nested keys, imports, help, errors with
-suggestions, config files, the JSON dump round trip, and the CLI's exit codes."""
+suggestions, config files, the JSON dump round trip, excluded inherited keys, and the CLI's exit
+codes."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import textwrap
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import pytest
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from recipes.cli import (
     ConfigError,
@@ -394,3 +395,76 @@ def test_as_a_real_command(tmp_path):
     assert helped.returncode == 0
     assert helped.stdout.startswith("usage: python -m toy_recipe [key=value ...]")
     assert "  steps: int = 1\n      How many steps.\n" in helped.stdout
+
+
+class NoAlpha(LoraConfig):
+    excluded_keys: ClassVar[dict[str, str]] = {"alpha": "this adapter scales by its rank alone"}
+
+
+class Narrow(Config):
+    """A recipe without a teacher: the inherited teacher keys mean nothing in it."""
+
+    excluded_keys: ClassVar[dict[str, str]] = {
+        "teacher": "there is no teacher, the reward is the signal",
+        "loss": "the loss is always the policy gradient",
+    }
+    lora: NoAlpha | None = NoAlpha(rank=4)
+
+
+def test_excluded_keys_are_errors_giving_the_reason(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        parse_cli(Narrow, ["loss=jsd", "teacher.model_name=x", "lora.alpha=2", "teacher={}"])
+    lines = str(error.value).splitlines()
+    assert lines == [
+        "key 'loss' does not apply to this recipe: the loss is always the policy gradient",
+        "key 'teacher' does not apply to this recipe: there is no teacher, the reward is the "
+        "signal",
+        "key 'lora.alpha' does not apply to this recipe: this adapter scales by its rank alone",
+        "key 'teacher' does not apply to this recipe: there is no teacher, the reward is the "
+        "signal",
+    ]
+    # a typo is not steered toward an excluded key
+    with pytest.raises(ConfigError, match="unknown key 'los'") as error:
+        parse_cli(Narrow, ["los=jsd"])
+    assert "'loss'" not in str(error.value)
+    # in a config file, with the file's name
+    base = tmp_path / "base.toml"
+    base.write_text("learning_rate = 0.1\n[lora]\nrank = 2\nalpha = 3.0\n")
+    with pytest.raises(ConfigError) as error:
+        parse_cli(Narrow, [f"config={base}"])
+    assert str(error.value) == (
+        f"{base}: key 'lora.alpha' does not apply to this recipe: this adapter scales by its "
+        "rank alone"
+    )
+    # and from Python
+    with pytest.raises(ValidationError, match="key 'loss' does not apply to this recipe"):
+        Narrow(loss=Loss.JSD)
+    with pytest.raises(ValidationError, match="key 'alpha' does not apply to this recipe"):
+        NoAlpha(rank=2, alpha=1.0)
+
+
+def test_excluded_keys_keep_their_defaults_and_leave_help_and_dump(tmp_path):
+    config = parse_cli(Narrow, ["learning_rate=0.5", "lora.rank=2"])
+    assert config.loss is Loss.SAMPLED_REVERSE_KL and config.teacher.model_name == "big"
+    assert config.lora == NoAlpha(rank=2) and config.lora.alpha is None
+
+    text = format_help(Narrow, prog="narrow")
+    assert "\n  learning_rate: float = 0.0001" in text and "\n  lora.rank: int = 4" in text
+    for hidden in ("loss", "teacher", "lora.alpha"):
+        assert f"\n  {hidden}" not in text, hidden
+    assert "\n  loss" in format_help(Config, prog="x")  # the base config still has them
+
+    dumped = dump_config(config)
+    assert "loss" not in dumped and "teacher" not in dumped and dumped["lora"] == {"rank": 2}
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(dumped))
+    assert parse_cli(Narrow, [f"config={saved}"]) == config
+
+
+def test_excluded_keys_must_name_fields():
+    with pytest.raises(
+        TypeError, match=re.escape("Typo.excluded_keys names no field: lerning_rate")
+    ):
+
+        class Typo(Config):
+            excluded_keys: ClassVar[dict[str, str]] = {"lerning_rate": "no optimizer"}
