@@ -12,14 +12,15 @@ Held-out tasks are evaluated every ``eval_every`` steps (``eval/success_rate``).
 
 With no arguments it runs offline: the embedded SmolLM2-135M-Instruct on the bundled suite
 (train split; eval on the test split), local (bubblewrap) sandboxes. ``sft_warmup_steps``
-first trains on the tasks' reference solutions.
+first trains on the tasks' reference solutions. The trainer's distillation keys (teacher KL
+scaling, ``beta``, ``top_k``, ``teacher_from_warmup``) are not keys here: there is no teacher.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from envs.harbor.builders import HarborDatasetBuilder, HarborEnvConfig
 from recipes.cli import dump_config
@@ -38,13 +39,25 @@ from training.samplers import HFSampler
 from training.trainer import Trainer, TrainerConfig, TrainResult
 
 RECIPE = "harbor_rl"
+NO_TEACHER = "RL learns from the task's verifier reward; there is no teacher"
+"""Why the trainer's distillation keys do not apply here (``Config.excluded_keys``)."""
 
 
 class Config(TrainerConfig, StudentKeys):
     """RL on Harbor tasks with the verifier reward."""
 
+    excluded_keys: ClassVar[dict[str, str]] = {
+        "kl_penalty_coef": f"it scales the teacher-KL advantage of distillation; {NO_TEACHER}",
+        "kl_discount_factor": f"it discounts the teacher KL of later tokens; {NO_TEACHER}",
+        "beta": f"it weighs the jsd distillation loss; {NO_TEACHER}",
+        "top_k": f"it sets how many teacher alternatives per token are scored; {NO_TEACHER}",
+        "teacher_from_warmup": f"it makes the warm-started student a teacher; {NO_TEACHER}",
+    }
+
     loss: Literal["policy_gradient"] = "policy_gradient"
     """Always policy_gradient here (group-centred verifier rewards)."""
+    clip_ratio: float | None = Field(None, gt=0.0, lt=1.0)
+    """PPO-style clipping of the policy gradient's importance ratio; None: no clipping."""
     normalize_advantages: bool = False
     """Divide each group's centred rewards by their standard deviation (GRPO)."""
     tasks: list[str] = Field(default_factory=lambda: ["bundled"])
@@ -66,6 +79,17 @@ class Config(TrainerConfig, StudentKeys):
     """Passes over the training tasks (each a fresh shuffle)."""
     command_timeout_s: float = Field(30.0, gt=0)
     """Timeout of one bash command."""
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _only_policy_gradient(cls, value: Any) -> Any:
+        if str(value) != "policy_gradient":
+            raise ValueError(
+                "harbor_rl trains on the verifier reward with the policy gradient, its only loss "
+                "(policy_gradient); the distillation losses are in "
+                "recipes.distillation.harbor_multi_turn"
+            )
+        return value
 
 
 def build_trainer(config: Config) -> Trainer:

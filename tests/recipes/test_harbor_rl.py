@@ -14,6 +14,7 @@ import pytest
 from envs.harbor.builders import HarborEnvConfig, HarborEnvGroupBuilder
 from envs.harbor.tasks import SUITE_DIR, load_task
 from envs.harbor.teacher_view import solution_commands
+from recipes.cli import dump_config, format_help
 from recipes.distillation import on_policy
 from recipes.harbor_rl import eval as harbor_eval
 from recipes.harbor_rl import train as harbor_train
@@ -150,6 +151,42 @@ def test_rl_training_end_to_end(tiny_folders, tmp_path):
         assert (log / name).is_file()
     assert "advantage <b>" in (log / "rollouts.html").read_text()  # shown per RL episode
     assert (log / "export" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("kl_penalty_coef", "0.5", "it scales the teacher-KL advantage"),
+        ("kl_discount_factor", "0.9", "it discounts the teacher KL"),
+        ("beta", "0.1", "it weighs the jsd distillation loss"),
+        ("top_k", "5", "it sets how many teacher alternatives"),
+        ("teacher_from_warmup", "true", "it makes the warm-started student a teacher"),
+    ],
+)
+def test_distillation_keys_are_errors_naming_the_key_and_why(key, value, why, tmp_path, capsys):
+    argv = [f"{key}={value}", f"log_path={tmp_path / 'rl'}"]
+    assert harbor_train.cli(harbor_train.main, harbor_train.Config, argv) == 2
+    err = capsys.readouterr().err
+    assert f"key {key!r} does not apply to this recipe: {why}" in err
+    assert "there is no teacher" in err and "Traceback" not in err
+    assert not (tmp_path / "rl").exists()
+
+
+def test_only_the_rl_loss_and_no_distillation_keys_in_help(tmp_path, capsys):
+    argv = ["loss=jsd", f"log_path={tmp_path / 'rl'}"]
+    assert harbor_train.cli(harbor_train.main, harbor_train.Config, argv) == 2
+    err = capsys.readouterr().err
+    assert "loss='jsd'" in err and "its only loss (policy_gradient)" in err
+    assert "recipes.distillation.harbor_multi_turn" in err
+
+    text = format_help(harbor_train.Config, prog="harbor_rl")
+    for key in harbor_train.Config.excluded_keys:
+        assert f"\n  {key}:" not in text, key
+    for key in ("loss", "clip_ratio", "sft_warmup_steps", "temperature", "normalize_advantages"):
+        assert f"\n  {key}:" in text, key
+    assert "policy gradient's importance ratio" in text
+    dumped = dump_config(harbor_train.Config())
+    assert not set(harbor_train.Config.excluded_keys) & set(dumped)
 
 
 @pytest.mark.bwrap
