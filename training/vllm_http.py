@@ -23,6 +23,7 @@ import anyio
 import httpx
 
 from training.errors import InferenceServerError
+from training.samplers.vllm_common import stop_token_ids
 from training.types import SamplingParams
 
 SERVE_HINT = (
@@ -177,8 +178,8 @@ def sampling_payload(
     seed: int | None = None,
 ) -> dict[str, Any]:
     """Single-token stop sequences travel as ``stop_token_ids``; longer ones as ``stop_texts``
-    (vLLM's ``stop`` works on text, so the caller also cuts at the token sequence itself with
-    ``truncate_at_stop``)."""
+    (vLLM's ``stop`` works on text, so the caller also cuts at the token sequence itself, see
+    ``samplers.vllm_common``)."""
     payload: dict[str, Any] = {
         "model": model,
         "prompt": list(prompt),
@@ -190,7 +191,7 @@ def sampling_payload(
         "return_tokens_as_token_ids": True,
         "return_token_ids": True,
         "skip_special_tokens": False,
-        "stop_token_ids": [s[0] for s in params.stop_sequences if len(s) == 1],
+        "stop_token_ids": stop_token_ids(params),
     }
     if bad_words:
         payload["bad_words"] = list(bad_words)
@@ -213,12 +214,3 @@ def parse_sampled(answer: dict[str, Any]) -> tuple[list[int], list[float], str]:
         raise ValueError(f"completion has {len(tokens)} tokens but {len(values)} logprobs")
     reason = "length" if choice.get("finish_reason") == "length" else "stop"
     return list(tokens), values, reason
-
-
-def truncate_at_stop(tokens: list[int], stop_sequences: Sequence[Sequence[int]]) -> int | None:
-    """The length up to and including the first complete stop sequence, if any."""
-    for end in range(1, len(tokens) + 1):
-        for stop in stop_sequences:
-            if stop and end >= len(stop) and tokens[end - len(stop) : end] == list(stop):
-                return end
-    return None

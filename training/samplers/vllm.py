@@ -17,26 +17,30 @@ travel over this HTTP API: use ``HFSampler`` for full fine-tuning.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from training.errors import SamplerServerError
+from training.samplers.vllm_common import (
+    LogprobsMode,
+    banned_texts,
+    completion_budget,
+    forced_tokens,
+    needs_processed_logprobs,
+    sampled_tokens,
+    stop_texts,
+)
 from training.types import SampledTokens, SamplingParams
 from training.vllm_http import (
     CompletionsClient,
     parse_prompt_logprobs,
     parse_sampled,
     sampling_payload,
-    truncate_at_stop,
 )
-
-LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 
 
 class VLLMServerSampler:
@@ -75,28 +79,21 @@ class VLLMServerSampler:
         )
 
     async def sample(self, prompt: Sequence[int], params: SamplingParams) -> SampledTokens:
-        forced = list(params.forced_prefix) if params.tool_choice == "required" else []
-        bad_words = self._bad_words(params)
-        trivial = params.temperature == 1.0 and params.top_k <= 0 and params.top_p >= 1.0
-        if self.logprobs_mode == "raw_logprobs" and params.temperature > 0 and not trivial:
+        forced = forced_tokens(params)
+        if needs_processed_logprobs(params, self.logprobs_mode):
             raise ValueError(
                 f"vLLM sampler at {self.client.base_url}: temperature={params.temperature}, "
                 f"top_k={params.top_k}, top_p={params.top_p} need the sampling distribution's "
                 "logprobs; start the server with --logprobs-mode processed_logprobs and pass "
                 "logprobs_mode='processed_logprobs'"
             )
-        budget = params.max_tokens - len(forced)
-        if budget <= 0:
-            raise ValueError(
-                f"max_tokens={params.max_tokens} leaves no room after the "
-                f"{len(forced)}-token forced prefix"
-            )
         payload = sampling_payload(
             self.model_name,
             [*prompt, *forced],
-            _with_max_tokens(params, budget),
-            bad_words=bad_words,
-            stop_texts=self._stop_texts(params),
+            replace(params, max_tokens=completion_budget(params, forced)),
+            bad_words=self._bad_words(params),
+            # Without a tokenizer the server decodes to max_tokens and the cut happens here.
+            stop_texts=stop_texts(self.tokenizer, params) if self.tokenizer else [],
             seed=self.seed,
         )
         if forced:
@@ -114,41 +111,23 @@ class VLLMServerSampler:
                 f"vLLM sampler at {self.client.base_url} answered without usable tokens and "
                 f"logprobs for model {self.model_name!r}: {error!r}"
             ) from error
-        cut = truncate_at_stop(forced + tokens, params.stop_sequences)
-        if cut is not None and cut > len(forced):
-            keep = cut - len(forced)
-            tokens, values, reason = tokens[:keep], values[:keep], "stop"
-        if params.temperature <= 0:
-            sampling = [0.0] * len(tokens)  # greedy: a point mass
-            model = values if self.logprobs_mode == "raw_logprobs" else [math.nan] * len(tokens)
-        elif self.logprobs_mode == "raw_logprobs":
-            sampling, model = values, values
-        else:
-            sampling, model = values, [math.nan] * len(tokens)
-        return SampledTokens(
-            tokens=forced + tokens,
-            sampling_logprobs=[0.0] * len(forced) + list(sampling),
-            model_logprobs=forced_model + list(model),
+        return sampled_tokens(
+            params,
+            self.logprobs_mode,
+            forced=forced,
+            forced_model_logprobs=forced_model,
+            tokens=tokens,
+            logprobs=values,
             finish_reason=reason,
-            num_forced=len(forced),
         )
 
-    def _stop_texts(self, params: SamplingParams) -> list[str]:
-        """Multi-token stops as text, so the server stops there too (without a tokenizer it
-        decodes to ``max_tokens`` and the client cuts)."""
-        if self.tokenizer is None:
-            return []
-        return [self.tokenizer.decode(list(s)) for s in params.stop_sequences if len(s) > 1]
-
     def _bad_words(self, params: SamplingParams) -> list[str]:
-        if params.tool_choice != "none":
-            return []
-        if self.tokenizer is None:
+        if params.tool_choice == "none" and self.tokenizer is None:
             raise ValueError(
                 "tool_choice='none' with a vLLM server needs VLLMServerSampler(tokenizer=...): "
                 "the envelope opening is banned as text (vLLM bad_words)"
             )
-        return [self.tokenizer.decode(list(params.forced_prefix))]
+        return banned_texts(self.tokenizer, params)
 
     async def update_weights(self, model: torch.nn.Module) -> None:
         if not hasattr(model, "peft_config"):
@@ -169,7 +148,3 @@ class VLLMServerSampler:
 
     async def close(self) -> None:
         await self.client.aclose()
-
-
-def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    return replace(params, max_tokens=max_tokens)
