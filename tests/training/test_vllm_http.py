@@ -80,3 +80,31 @@ async def test_a_client_error_is_not_retried():
         await http.post("/v1/completions", {"prompt": [1]})
     await http.aclose()
     assert len(server.arrivals) == 1
+
+
+async def test_the_server_sampler_gives_each_request_its_own_seed():
+    """One seed on every request would make vLLM draw the same completion for a group's
+    identical prompts; request n carries seed + n, restarted by ``reseed``."""
+    import json
+
+    from training.samplers.vllm import VLLMServerSampler
+    from training.types import SamplingParams
+
+    seeds: list[int | None] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seeds.append(json.loads(request.content).get("seed"))
+        choice = {"token_ids": [7], "logprobs": {"token_logprobs": [-0.5]}, "finish_reason": "stop"}
+        return httpx.Response(200, json={"choices": [choice]})
+
+    sampler = VLLMServerSampler(URL, "m", seed=10)
+    sampler.client = client(server)
+    params = SamplingParams(max_tokens=4)
+    for _ in range(3):
+        assert (await sampler.sample([1, 2], params)).tokens == [7]
+    sampler.reseed(40)
+    await sampler.sample([1, 2], params)
+    unseeded = VLLMServerSampler(URL, "m")
+    unseeded.client = client(server)
+    await unseeded.sample([1, 2], params)
+    assert seeds == [10, 11, 12, 40, None]

@@ -67,6 +67,9 @@ class VLLMServerSampler:
         self.logprobs_mode = logprobs_mode
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
         self.seed = seed
+        """Request n carries ``seed + n``: reproducible, yet a group's samples differ (one seed
+        on every request would make vLLM draw the same tokens for the same prompt)."""
+        self._requests = 0
         self._version = 0
         self.client = CompletionsClient(
             base_url,
@@ -77,6 +80,16 @@ class VLLMServerSampler:
             backoff_s=backoff_s,
             timeout_s=timeout_s,
         )
+
+    def reseed(self, seed: int) -> None:
+        """Restart the per-request seed sequence (the trainer reseeds every step)."""
+        self.seed, self._requests = seed, 0
+
+    def _next_seed(self) -> int | None:
+        if self.seed is None:
+            return None
+        self._requests += 1
+        return self.seed + self._requests - 1
 
     async def sample(self, prompt: Sequence[int], params: SamplingParams) -> SampledTokens:
         forced = forced_tokens(params)
@@ -94,7 +107,7 @@ class VLLMServerSampler:
             bad_words=self._bad_words(params),
             # Without a tokenizer the server decodes to max_tokens and the cut happens here.
             stop_texts=stop_texts(self.tokenizer, params) if self.tokenizer else [],
-            seed=self.seed,
+            seed=self._next_seed(),
         )
         if forced:
             payload["prompt_logprobs"] = 0
