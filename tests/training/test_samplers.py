@@ -277,3 +277,22 @@ async def test_a_cancelled_caller_hands_the_batch_to_the_others(tiny_model, prom
     assert results["cancelled"] is None
     assert results["survivor"].tokens == alone.tokens
     assert sampler._batch is None or not sampler._batch.rows  # the abandoned row was dropped
+
+
+def test_a_lora_model_decodes_from_a_merged_copy_that_follows_its_updates(make_tiny_model, prompts):
+    model = models.add_lora(make_tiny_model(seed=5), models.LoraSettings(rank=4))
+    sampler = HFSampler(model, merge_lora=True)
+    unmerged = HFSampler(model, merge_lora=False)
+    for update in range(3):
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(update))
+        anyio.run(sampler.update_weights, model)
+        out = sampler.generate([prompts[2]], [GREEDY])[0]
+        assert out.tokens == unmerged.generate([prompts[2]], [GREEDY])[0].tokens
+        model.eval()
+        expected = teacher_forced_logprobs(model, prompts[2], out.tokens)
+        assert_close(out.model_logprobs, expected)
+    assert sampler.decoder() is sampler._merged.model  # one copy, refreshed in place
+    assert not hasattr(sampler.decoder(), "peft_config")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from training.samplers.merged import MergedLoRA, is_lora
 from training.types import SampledTokens, SamplingParams
 
 
@@ -101,9 +102,11 @@ class HFSampler:
     stops. Use one event loop per sampler.
 
     ``model`` may be the very module being trained: decoding runs in eval mode without
-    gradients and puts the module back in train mode after each turn at the wheel, so samples
-    always come from the current weights. Call ``update_weights`` between rollouts, not
-    during."""
+    gradients and puts the module back in train mode after each turn at the wheel. A LoRA model
+    decodes from a merged copy (``merge_lora``; default on CPU, where peft's per-layer overhead
+    costs ~1.4x at decode time; it doubles the model's memory), refreshed by
+    ``update_weights``. Either way, call ``update_weights`` after changing the weights, between
+    rollouts, so samples come from the current weights."""
 
     def __init__(
         self,
@@ -116,8 +119,14 @@ class HFSampler:
         prefill_padding_waste: float = 0.25,
         max_prefill_tokens: int = 16384,
         seed: int | None = None,
+        merge_lora: bool | None = None,
     ) -> None:
         self.model = model
+        if merge_lora is None:
+            merge_lora = _device_of(model).type == "cpu"
+        self.merge_lora = merge_lora
+        self._merged: MergedLoRA | None = None
+        self._merged_stale = True
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.prefill_padding_waste = prefill_padding_waste
@@ -153,8 +162,20 @@ class HFSampler:
         self._generator.manual_seed(seed)
 
     async def update_weights(self, model: torch.nn.Module) -> None:
-        """Sample from ``model`` from now on (a no-op when it is the module already held)."""
+        """Sample from ``model``'s current weights from now on."""
         self.model = model
+        self._merged_stale = True
+
+    def decoder(self) -> torch.nn.Module:
+        """The module that decodes: the model, or its merged copy brought up to date."""
+        if not (self.merge_lora and is_lora(self.model)):
+            return self.model
+        if self._merged is None:
+            self._merged = MergedLoRA(self.model)
+        elif self._merged_stale:
+            self._merged.refresh(self.model)
+        self._merged_stale = False
+        return self._merged.model
 
     async def sample(self, prompt: Sequence[int], params: SamplingParams) -> SampledTokens:
         request = _Pending(_make_row(prompt, params))
@@ -182,7 +203,7 @@ class HFSampler:
     ) -> list[SampledTokens]:
         """Decode a batch of prompts, each with its own params, in the calling thread."""
         rows = [_make_row(p, s) for p, s in zip(prompts, params, strict=True)]
-        with self._eval_mode():
+        with self._eval_mode(), torch.no_grad():
             batch = _Batch(self)
             batch.admit(rows)
             while batch.rows:
@@ -196,30 +217,35 @@ class HFSampler:
         then hand the wheel to another waiting call."""
         self._driving = True
         try:
-            await anyio.lowlevel.checkpoint()  # episodes started beside this one queue up first
-            while not until.finished:
-                if self._batch is None or not self._batch.rows:
-                    self._batch = _Batch(self)  # picks up the current weights
-                self._batch.drop_abandoned()
-                admitted = self._take_admissible(len(self._batch.rows))
-                if not admitted and not self._batch.rows:
-                    await self._await_arrivals()
-                    continue
-                try:
-                    with self._eval_mode():
-                        finished = []
-                        if admitted:
-                            finished = self._batch.admit([r.row for r in admitted], admitted)
-                        if self._batch.rows:
-                            finished += self._batch.step()
-                except Exception as error:
-                    self._fail(admitted, error)
-                    continue
-                self._finish(finished)
-                await anyio.lowlevel.checkpoint()  # let finished episodes run their tools
+            with self._eval_mode():  # once per turn at the wheel: train() walks every module
+                await self._drive_steps(until)
         finally:
             self._driving = False
             self._hand_over(skip=until)
+
+    async def _drive_steps(self, until: _Pending) -> None:
+        """The driving loop; the model is in eval mode throughout."""
+        await anyio.lowlevel.checkpoint()  # episodes started beside this one queue up first
+        while not until.finished:
+            if self._batch is None or not self._batch.rows:
+                self._batch = _Batch(self)  # picks up the current weights
+            self._batch.drop_abandoned()
+            admitted = self._take_admissible(len(self._batch.rows))
+            if not admitted and not self._batch.rows:
+                await self._await_arrivals()
+                continue
+            try:
+                with torch.no_grad():
+                    finished = []
+                    if admitted:
+                        finished = self._batch.admit([r.row for r in admitted], admitted)
+                    if self._batch.rows:
+                        finished += self._batch.step()
+            except Exception as error:
+                self._fail(admitted, error)
+                continue
+            self._finish(finished)
+            await anyio.lowlevel.checkpoint()  # let finished episodes run their tools
 
     async def _await_arrivals(self) -> None:
         """Nothing to decode yet: wait for new requests or for the window to close."""
@@ -271,13 +297,14 @@ class HFSampler:
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
+        """Eval mode (no dropout) while decoding; gradients are off per step instead, since
+        grad mode is per thread and the driver yields to other tasks between steps."""
         model = self.model
-        was_training = model.training
+        was_training = model.training and self.decoder() is model
         if was_training:
             model.eval()
         try:
-            with torch.no_grad():
-                yield
+            yield
         finally:
             if was_training:
                 model.train()
@@ -301,7 +328,7 @@ class _Batch:
 
     def __init__(self, sampler: HFSampler) -> None:
         self.sampler = sampler
-        self.model = sampler.model
+        self.model = sampler.decoder()
         self.device = _device_of(self.model)
         empty = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self.part = _Part([], None, empty, empty.new_zeros(0), None)

@@ -1,0 +1,81 @@
+"""A merged copy of a LoRA model for decoding.
+
+A peft LoRA layer runs three matmuls per forward (the base weight, A, B) plus casts; at decode
+time on CPU, where each step is a handful of tokens, that per-call overhead dominates: the
+embedded SmolLM2 with a rank-16 adapter decodes 4 x 64 tokens in 5.1 s through peft and 3.7 s
+with the adapter merged (bf16, 2 cores). Merging in place and unmerging afterwards would drift
+the trained base weights in bf16, so the sampler decodes from a separate plain copy whose
+weights are refreshed (base + delta, computed by peft) whenever the trainer's weights change.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+class MergedLoRA:
+    """A plain copy of ``model`` (a peft model) with its active adapters merged in."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.source = model
+        self.model = copy.deepcopy(model).merge_and_unload().eval().requires_grad_(False)
+        for parameter in self.model.parameters():
+            parameter.grad = None
+        self._targets = dict(self.model.named_parameters())
+        self._sources = _source_names(model, self._targets)
+
+    def refresh(self, model: torch.nn.Module) -> None:
+        """Copy ``model``'s current weights (base + adapter deltas) into the merged copy."""
+        if model is not self.source or self._sources is None:
+            self.__init__(model)
+            return
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for target, source in self._sources.items():
+                self._targets[target].copy_(parameters[source])
+            for name, layer in _lora_layers(model):
+                weight = self._targets[f"{name}.weight"]
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        weight += layer.get_delta_weight(adapter).to(weight.dtype)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """A peft model whose tuner layers are all LoRA layers that can merge."""
+    if not hasattr(model, "peft_config") or not hasattr(model, "merge_and_unload"):
+        return False
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    return bool(tuners) and all(isinstance(m, LoraLayer) for m in tuners)
+
+
+def _plain_name(peft_name: str) -> str:
+    """``base_model.model.x.q_proj.base_layer.weight`` -> ``x.q_proj.weight``."""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def _lora_layers(model: torch.nn.Module):
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield _plain_name(name), module
+
+
+def _source_names(
+    model: torch.nn.Module, targets: dict[str, torch.Tensor]
+) -> dict[str, str] | None:
+    """Merged-copy parameter name -> the peft model's parameter that holds its base weight;
+    None when some weight has no plain source (e.g. modules_to_save): refresh then rebuilds."""
+    sources = {}
+    for name, _ in model.named_parameters():
+        if "lora_" in name:
+            continue
+        sources[_plain_name(name)] = name
+    if not set(targets) <= set(sources):
+        return None
+    return {target: sources[target] for target in targets}
