@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from recipes.cli import parse_cli
 from recipes.distillation import on_policy
-from tests.training.conftest import free_port, load_vllm_cpu_script
+from tests.conftest import free_port, load_vllm_cpu_script
 from training import models
 from training.samplers.vllm import VLLMServerSampler
 from training.teachers import LocalTeacher

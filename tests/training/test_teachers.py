@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import free_port
 from training.errors import TeacherServerError
 from training.teachers import LocalTeacher, VLLMServerTeacher
 from training.types import ScoreRequest
-
-from .conftest import free_port
 
 
 def naive_logprobs(model, tokens: list[int]) -> torch.Tensor:

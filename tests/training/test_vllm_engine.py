@@ -21,12 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import REPO, load_vllm_cpu_script
 from training import models
 from training.samplers.vllm_engine import VLLMEngineSampler
 from training.teachers import LocalTeacher
 from training.types import ScoreRequest
-
-from .conftest import REPO, load_vllm_cpu_script
 
 IM_END = 2
 PROBE = Path(__file__).with_name("vllm_engine_probe.py")

@@ -1,6 +1,7 @@
 """The vLLM HTTP client's retries, against a simulated flaky server (``httpx.MockTransport``):
 connection errors, 503 and 429 are retried with growing waits until the server answers;
-running out of attempts, or a 4xx, is an error that names the URL."""
+running out of attempts, or a 4xx, is an error that names the URL. Also the server sampler's
+request seeds and its LoRA adapter bookkeeping."""
 
 from __future__ import annotations
 
@@ -108,3 +109,56 @@ async def test_the_server_sampler_gives_each_request_its_own_seed():
     unseeded.client = client(server)
     await unseeded.sample([1, 2], params)
     assert seeds == [10, 11, 12, 40, None]
+
+
+async def test_the_server_sampler_keeps_one_adapter_loaded_and_unloads_it_at_close(
+    make_tiny_model, caplog
+):
+    """Each update loads a new adapter and unloads (and deletes) the one before; the names carry
+    a per-sampler id (two runs sharing a server never collide); ``close`` unloads the last one
+    and removes the temporary folder. A server gone by then is logged, not raised."""
+    import json
+
+    from training import models
+    from training.errors import SamplerServerError
+    from training.samplers.vllm import VLLMServerSampler
+
+    calls: list[tuple[str, str]] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        calls.append((request.url.path, json.loads(request.content)["lora_name"]))
+        return httpx.Response(200, text="Success")
+
+    student = models.add_lora(make_tiny_model(), models.LoraSettings(rank=4))
+    samplers = [VLLMServerSampler(URL, "m"), VLLMServerSampler(URL, "m")]
+    for sampler in samplers:
+        sampler.client = client(server)
+        await sampler.update_weights(student)
+    first = samplers[0]
+    await first.update_weights(student)
+    names = [name for _, name in calls]
+    assert names[0] != names[1] and names[0].startswith("m-lora-") and names[0].endswith("-v1")
+    assert calls[2:] == [
+        ("/v1/load_lora_adapter", first.model_name),
+        ("/v1/unload_lora_adapter", names[0]),
+    ]
+    folder = first.adapter_dir
+    assert folder is not None and not (folder / "v1").exists() and (folder / "v2").is_dir()
+    await first.close()
+    assert calls[-1] == ("/v1/unload_lora_adapter", names[2]) and first.model_name == "m"
+    assert not folder.exists()
+
+    gone = samplers[1]
+    gone.client = CompletionsClient(
+        URL,
+        what="vLLM sampler",
+        error_type=SamplerServerError,
+        transport=httpx.MockTransport(FlakyServer(*[httpx.ConnectError] * 2)),
+        max_attempts=2,
+        backoff_s=0.01,
+    )
+    with caplog.at_level("WARNING"):
+        await gone.close()
+    assert "could not unload the sampler's LoRA adapter" in caplog.text
+    assert f"vLLM sampler at {URL} is unreachable" in caplog.text
+    assert gone.adapter_dir is not None and not gone.adapter_dir.exists()

@@ -9,13 +9,12 @@ import copy
 import pytest
 import torch
 
+from tests.conftest import SERVED_NAME, served_models
 from training import models
 from training.errors import TeacherServerError
 from training.samplers.vllm import VLLMServerSampler
 from training.teachers import LocalTeacher, VLLMServerTeacher
 from training.types import SamplingParams, ScoreRequest
-
-from .conftest import SERVED_NAME
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.anyio]
 
@@ -123,12 +122,17 @@ async def test_lora_adapter_updates_reach_the_server(vllm_server, smollm2, episo
     try:
         await sampler.update_weights(student)
         await sampler.update_weights(student)  # a second version replaces the first
-        assert sampler.model_name == f"{SERVED_NAME}-lora-v2"
-        teacher = VLLMServerTeacher(vllm_server, sampler.model_name)
+        name = sampler.model_name
+        assert name.startswith(f"{SERVED_NAME}-lora-") and name.endswith("-v2")
+        assert served_models(vllm_server) == {SERVED_NAME, name}  # v1 was unloaded
+        assert not (tmp_path / "v1").exists() and (tmp_path / "v2").is_dir()
+        teacher = VLLMServerTeacher(vllm_server, name)
         remote = (await teacher.score([ScoreRequest(episode)]))[0].logprobs
         await teacher.close()
     finally:
         await sampler.close()
+    assert served_models(vllm_server) == {SERVED_NAME}  # close unloaded the last adapter
+    assert tmp_path.is_dir() and not (tmp_path / "v2").exists()  # a given adapter_dir stays
     adapted = LocalTeacher(student).score_sync([ScoreRequest(episode)])[0].logprobs
     base = LocalTeacher(smollm2).score_sync([ScoreRequest(episode)])[0].logprobs
     assert (adapted - base).abs()[1:].mean() > 0.3  # the adapter really changes the model

@@ -11,13 +11,18 @@ values become ``sampling_logprobs`` while ``model_logprobs`` are NaN (not report
 Weights: ``update_weights`` saves a peft model's LoRA adapter to ``adapter_dir`` and loads it
 with ``POST /v1/load_lora_adapter`` (the server needs ``--enable-lora`` and
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; ``scripts/vllm_cpu.py`` sets the latter), then
-samples with the new adapter's name and unloads the previous one. Full-weight updates cannot
-travel over this HTTP API: use ``HFSampler`` for full fine-tuning.
+samples with the new adapter's name and unloads the previous one (and deletes its folder).
+Adapter names carry a random id per sampler, so runs sharing one server never collide, and
+``close`` unloads the last one. Full-weight updates cannot travel over this HTTP API: use
+``HFSampler`` or ``VLLMEngineSampler`` for full fine-tuning.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +46,8 @@ from training.vllm_http import (
     parse_sampled,
     sampling_payload,
 )
+
+log = logging.getLogger(__name__)
 
 
 class VLLMServerSampler:
@@ -66,6 +73,9 @@ class VLLMServerSampler:
         self.tokenizer = tokenizer
         self.logprobs_mode = logprobs_mode
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
+        self._own_adapter_dir = adapter_dir is None  # a temporary folder: removed by close
+        self._adapter_id = uuid.uuid4().hex[:8]
+        self._adapter_path: Path | None = None  # the folder of the adapter now loaded
         self.seed = seed
         """Request n carries ``seed + n``: reproducible, yet a group's samples differ (one seed
         on every request would make vLLM draw the same tokens for the same prompt)."""
@@ -153,11 +163,29 @@ class VLLMServerSampler:
         self.adapter_dir = root
         path = root / f"v{self._version}"
         model.save_pretrained(path)
-        name = f"{self.base_model}-lora-v{self._version}"
+        name = f"{self.base_model}-lora-{self._adapter_id}-v{self._version}"
         await self.client.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-        previous, self.model_name = self.model_name, name
-        if previous != self.base_model:
-            await self.client.post("/v1/unload_lora_adapter", {"lora_name": previous})
+        previous = self.model_name, self._adapter_path
+        self.model_name, self._adapter_path = name, path
+        if previous[0] != self.base_model:
+            await self._unload(*previous)
+
+    async def _unload(self, name: str, path: Path | None) -> None:
+        await self.client.post("/v1/unload_lora_adapter", {"lora_name": name})
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        """Unload the last adapter (the server serves only what it served before), close the
+        connections, remove a temporary ``adapter_dir``. A server that cannot be reached any
+        more is logged, not raised: closing must not hide the error that ended a run."""
+        try:
+            if self.model_name != self.base_model:
+                await self._unload(self.model_name, self._adapter_path)
+                self.model_name, self._adapter_path = self.base_model, None
+        except SamplerServerError as error:
+            log.warning("could not unload the sampler's LoRA adapter: %s", error)
+        finally:
+            await self.client.aclose()
+            if self._own_adapter_dir and self.adapter_dir is not None:
+                shutil.rmtree(self.adapter_dir, ignore_errors=True)
