@@ -319,6 +319,10 @@ class Trainer:
             disable=not self.config.progress,
         )
         try:
+            # The sampler samples the student's own weights from the first rollout on: a
+            # resumed run's, or a student loaded with a checkpoint (a vLLM sampler starts from
+            # the base model; for HFSampler, which holds the model itself, a no-op).
+            await self.sampler.update_weights(self.model)
             if self.step_index == 0 and self.config.eval_before and self.eval_dataset:
                 eval_metrics = await self.evaluate(0)
                 self.logger.log(0, eval_metrics)

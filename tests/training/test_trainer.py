@@ -449,6 +449,48 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(
 
 
 @pytest.mark.slow
+def test_the_sampler_gets_the_resumed_weights_before_the_first_rollout(
+    make_tiny_model, smollm2_tokenizer, renderer, tmp_path
+):
+    """A vLLM sampler starts from the base model: a resumed run must hand it the checkpoint's
+    weights before it samples anything (then again after every step)."""
+    first = make_trainer(
+        make_tiny_model, smollm2_tokenizer, renderer, tmp_path, shout_dataset(), max_steps=2
+    )
+    anyio.run(first.train)
+    resumed = make_trainer(
+        make_tiny_model,
+        smollm2_tokenizer,
+        renderer,
+        tmp_path,
+        shout_dataset(),
+        max_steps=3,
+        resume=True,
+    )
+    fresh = lora_weights(resumed.model)
+    events: list[str | dict[str, torch.Tensor]] = []
+    sampler = resumed.sampler
+    update_weights, sample = sampler.update_weights, sampler.sample
+
+    async def record_update(model):
+        events.append(lora_weights(model))
+        await update_weights(model)
+
+    async def record_sample(prompt, params):
+        events.append("sample")
+        return await sample(prompt, params)
+
+    sampler.update_weights, sampler.sample = record_update, record_sample
+    anyio.run(resumed.train)
+
+    updates = [i for i, event in enumerate(events) if event != "sample"]
+    assert updates[0] == 0 and len(updates) == 2 and "sample" in events  # start, after step 3
+    checkpoint = lora_weights(first.model)
+    assert any(not torch.equal(fresh[name], checkpoint[name]) for name in fresh)
+    for name, value in events[0].items():
+        torch.testing.assert_close(value, checkpoint[name], rtol=0, atol=0)
+
+
 def test_teacher_kl_falls_on_a_fixed_set_with_the_embedded_model(embedded_model_dir, tmp_path):
     """SmolLM2 learns from a privileged SmolLM2 teacher (told the answer) on one fixed prompt.
 
