@@ -9,7 +9,8 @@ scores them with the teacher and takes one AdamW step (lr 1e-4, constant, grad c
 reverse KL. TRL computes the exact full-vocabulary reverse KL (``beta=1``); ours by default the
 sampled-token estimate (``loss=sampled_reverse_kl``, the recipe's default); ``loss=jsd`` runs
 ours on TRL's exact objective (``beta=1``). TRL keeps its defaults otherwise (gradient
-checkpointing on; ``trl_gradient_checkpointing=false`` turns it off).
+checkpointing on; ``trl_gradient_checkpointing=false`` turns it off); ours runs the recipe's
+default (off; ``ours_gradient_checkpointing=true`` turns it on).
 
 Each side runs in its own fresh process (so peak RSS is its own: models, libraries, training),
 and the runs alternate TRL, ours, TRL, ours ... (``rounds``), so load from other jobs hits both
@@ -20,6 +21,7 @@ use the whole budget). Usage::
 
     python -m bench.vs_trl [quick] [steps=N] [rounds=R] [loss=jsd]
         [student=PATH teacher=PATH] [trl_gradient_checkpointing=false]
+        [ours_gradient_checkpointing=true]
 
 Needs TRL (``pip install -e '.[bench]'``). Target: ours >= 1.5x TRL's student tokens per second
 at no more peak memory. The last line printed is one JSON object.
@@ -57,6 +59,8 @@ class Setting:
     loss: str = "sampled_reverse_kl"
     """Ours: sampled_reverse_kl (sampled-token estimate) or jsd (exact, with beta 1)."""
     trl_gradient_checkpointing: bool = True
+    ours_gradient_checkpointing: bool = False
+    """Ours: the recipe's default is off (speed); on, it matches TRL's default memory trade."""
     seed: int = 0
 
 
@@ -183,6 +187,7 @@ def run_ours(setting: Setting) -> dict[str, Any]:
         lmbda=1.0,
         learning_rate=setting.learning_rate,
         max_grad_norm=1.0,
+        gradient_checkpointing=setting.ours_gradient_checkpointing,
         max_steps=setting.steps,
         eval_every=0,
         eval_before=False,
@@ -233,6 +238,7 @@ def main(
     teacher: str | None = None,
     loss: str = "sampled_reverse_kl",
     trl_gradient_checkpointing: bool | str = True,
+    ours_gradient_checkpointing: bool | str = False,
 ) -> dict[str, Any]:
     from training import models
 
@@ -242,6 +248,7 @@ def main(
         steps=int(steps) if steps is not None else (3 if quick else 6),
         loss=loss,
         trl_gradient_checkpointing=str(trl_gradient_checkpointing).lower() in ("true", "1"),
+        ours_gradient_checkpointing=str(ours_gradient_checkpointing).lower() in ("true", "1"),
     )
     if setting.steps < 2:
         raise SystemExit("steps must be >= 2 (the first step of each run is a warm-up)")

@@ -44,7 +44,7 @@ from envs.types import Dataset
 from tool_use.renderers.base import Renderer
 from tool_use.trajectory import Trajectory
 from tool_use.types import ToolChoice
-from training import checkpoints
+from training import checkpoints, models
 from training.errors import CheckpointError
 from training.eval import evaluate
 from training.metrics import RunLogger, Timer, progress, rollout_metrics, weighted_mean
@@ -133,6 +133,9 @@ class TrainerConfig(BaseModel):
     """Clip the gradient norm (None: no clipping)."""
     microbatch_tokens: int = Field(4096, ge=1)
     """Padded tokens per forward/backward; gradients are accumulated over the batch."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: less memory for
+    about a third more training compute."""
     sft_warmup_steps: int = Field(0, ge=0)
     """First steps trained with SFT on demonstrations (the recipe's scripted policy) before the
     chosen loss takes over."""
@@ -285,6 +288,8 @@ class Trainer:
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         if not self.parameters:
             raise ValueError("the model has no trainable parameters")
+        if config.gradient_checkpointing:
+            models.enable_gradient_checkpointing(model)
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay
         )

@@ -286,6 +286,31 @@ def test_every_loss_trains(make_tiny_model, smollm2_tokenizer, renderer, tmp_pat
         assert record["loss/cross_entropy"] >= record["loss/target_entropy"]
 
 
+def test_gradient_checkpointing_gives_the_same_step(
+    make_tiny_model, smollm2_tokenizer, renderer, tmp_path
+):
+    """Same samples (seeded), same loss and gradients, with activations recomputed."""
+    after = {}
+    for checkpointing in (False, True):
+        trainer = make_trainer(
+            make_tiny_model,
+            smollm2_tokenizer,
+            renderer,
+            tmp_path / str(checkpointing),
+            shout_dataset(1),
+            max_steps=1,
+            gradient_checkpointing=checkpointing,
+        )
+        assert trainer.model.is_activation_checkpointing == checkpointing
+        anyio.run(trainer.train)
+        (record,) = read_metrics(tmp_path / str(checkpointing))
+        after[checkpointing] = (record["loss"], record["grad_norm"], lora_weights(trainer.model))
+    (loss, norm, weights), (loss_gc, norm_gc, weights_gc) = after[False], after[True]
+    assert loss_gc == pytest.approx(loss, rel=1e-5) and norm_gc == pytest.approx(norm, rel=1e-4)
+    for name, value in weights.items():
+        torch.testing.assert_close(weights_gc[name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_sft_warmup_then_distillation(make_tiny_model, smollm2_tokenizer, renderer, tmp_path):
     trainer = make_trainer(
         make_tiny_model,
