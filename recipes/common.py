@@ -1,6 +1,6 @@
-"""What every training recipe shares: the model keys, loading the student and teachers, GKD's
-``lmbda`` mix of on-policy and off-policy steps, the log folder, the closing summary and
-reports, and the command line's error handling.
+"""What every training recipe shares: the model keys, loading the student and teachers, the
+student's sampler, GKD's ``lmbda`` mix of on-policy and off-policy steps, the log folder, the
+closing summary and reports, and the command line's error handling.
 
 A recipe's ``Config`` derives from ``TrainerConfig`` (the loop's knobs), ``StudentKeys`` (and
 ``TeacherKeys`` when it has one teacher, ``MixKeys`` when it mixes in off-policy steps) and
@@ -17,11 +17,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 import anyio
 import torch
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, ValidationInfo, field_validator
 
 from envs.errors import EnvsError
 from recipes.cli import ConfigError, RecipeConfig, parse_cli
@@ -34,15 +35,43 @@ from training.off_policy import LmbdaMix, TeacherPolicy, off_policy_objective
 from training.rollouts import Policy
 from training.samplers import HFSampler
 from training.samplers.vllm import VLLMServerSampler
+from training.samplers.vllm_engine import VLLMEngineSampler
 from training.teachers import LocalTeacher, VLLMServerTeacher
 from training.trainer import Trainer, TrainResult
-from training.types import Teacher
+from training.types import Sampler, Teacher
 from training.vocab import check_same_vocabulary
 from training.weights import load_weights
 
 log = logging.getLogger(__name__)
 
 Dtype = Literal["auto", "bf16", "fp32", "fp16"]
+
+
+def is_server_url(value: str) -> bool:
+    """Whether a ``sampler`` value names a vLLM server (an http(s) URL with a host)."""
+    url = urlparse(value)
+    return url.scheme in ("http", "https") and bool(url.netloc)
+
+
+def _check_sampler(value: str) -> str:
+    if value in ("hf", "vllm") or is_server_url(value):
+        return value.rstrip("/")
+    raise ValueError(
+        "expected hf (this process), vllm (vLLM's engine in this process) or the http(s) URL "
+        "of a vLLM server, e.g. http://127.0.0.1:8000"
+    )
+
+
+SamplerChoice = Annotated[str, AfterValidator(_check_sampler)]
+"""The ``sampler`` key: ``hf``, ``vllm`` or a vLLM server's URL (``make_sampler``)."""
+
+
+def check_served_name(value: str | None, info: ValidationInfo) -> str | None:
+    """``sampler_served_name`` (declared after ``sampler``) only goes with a server."""
+    sampler = info.data.get("sampler")
+    if value is not None and sampler is not None and not is_server_url(sampler):
+        raise ValueError(f"names the model of a sampler server, but sampler={sampler}")
+    return value
 
 
 class StudentKeys(RecipeConfig):
@@ -59,6 +88,26 @@ class StudentKeys(RecipeConfig):
     """LoRA rank; 0: full fine-tuning."""
     lora_alpha: float | None = None
     """LoRA alpha (default 2 * lora_rank)."""
+    sampler: SamplerChoice = "hf"
+    """Who samples the student's turns: hf (this process, batched Hugging Face generation) |
+    vllm (vLLM's engine in this process; pip install 'apprentice[vllm]') | the http(s) URL of a
+    vLLM server serving model_name with --enable-lora (the LoRA adapter is loaded there after
+    every step, from this machine's temporary folder, which the server must be able to read)."""
+    sampler_served_name: str | None = None
+    """The model name the sampler server serves (default: model_name)."""
+
+    @field_validator("sampler")
+    @classmethod
+    def _server_needs_lora(cls, value: str, info: ValidationInfo) -> str:
+        if is_server_url(value) and info.data.get("lora_rank") == 0:
+            raise ValueError(
+                "a vLLM server loads LoRA adapters at run time, but full fine-tuning "
+                "(lora_rank=0) cannot send its weights over HTTP; train with lora_rank > 0, or "
+                "sample with sampler=vllm (full weights reloaded in the engine) or sampler=hf"
+            )
+        return value
+
+    _served_name = field_validator("sampler_served_name")(check_served_name)
 
 
 class TeacherKeys(RecipeConfig):
@@ -184,6 +233,65 @@ def load_teacher(
     return LoadedTeacher(teacher, renderer, full, model, tokenizer)
 
 
+VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM accepts."""
+
+
+def vllm_max_lora_rank(lora_rank: int) -> int:
+    """The engine's ``max_lora_rank`` for adapters of ``lora_rank`` (0: no LoRA): the smallest
+    value vLLM accepts that holds them."""
+    if lora_rank == 0:
+        return 0
+    return next((r for r in VLLM_LORA_RANKS if r >= lora_rank), lora_rank)
+
+
+def make_sampler(
+    config: Any, student: Student, seed: int, *, base_model: str | None = None
+) -> Sampler:
+    """The student's sampler that ``config.sampler`` names (``StudentKeys``).
+
+    The vLLM samplers start from ``base_model`` (default ``config.model_name``): the trainer
+    sends them the student's own weights before the first rollout and after every step
+    (``update_weights``: a LoRA adapter, or for the engine full weights too). They report the
+    model's own logprobs, which are the sampling ones only at temperature 1 or greedy, so
+    other temperatures are refused here rather than at the first sample."""
+    if config.sampler == "hf":
+        return HFSampler(student.model, student.tokenizer, seed=seed)
+    for key in ("temperature", "eval_temperature"):
+        value = getattr(config, key, None)
+        if value not in (None, 0.0, 1.0):
+            raise ConfigError(
+                f"{key}={value} with sampler={config.sampler}: the vLLM samplers report the "
+                "model's own logprobs, which are the sampling distribution's only at "
+                f"temperature 1 (or 0, greedy); set {key}=1 or sample with sampler=hf"
+            )
+    model = base_model or config.model_name
+    if config.sampler == "vllm":
+        try:
+            return VLLMEngineSampler(
+                models.resolve(model),
+                dtype=VLLM_DTYPES[config.dtype],
+                max_model_len=getattr(config, "max_trajectory_tokens", None) or 4096,
+                max_lora_rank=vllm_max_lora_rank(getattr(config, "lora_rank", 0)),
+                seed=seed,
+            )
+        except ImportError as error:
+            why = error.__cause__ or error  # the import's own error, not the sampler's advice
+            raise ConfigError(
+                f"sampler=vllm runs vLLM's engine in this process, but this Python "
+                f"({sys.executable}) cannot import vllm ({why}); pip install "
+                "'apprentice[vllm]' (GPU), or start a vLLM server (on CPU: python "
+                "scripts/vllm_cpu.py serve --enable-lora ...) and pass sampler=http://HOST:PORT"
+            ) from None
+    return VLLMServerSampler(
+        config.sampler,
+        config.sampler_served_name or model,
+        tokenizer=student.tokenizer,
+        seed=seed,
+    )
+
+
 def single_teacher(config: Any) -> TeacherSpec:
     """The flat ``teacher_*`` keys as a ``TeacherSpec``."""
     return TeacherSpec(
@@ -256,14 +364,25 @@ def check_resume(config: Any) -> None:
 
 async def run_training(trainer: Trainer) -> TrainResult:
     """Train (the trainer writes the reports at the end), close the teacher (also one made
-    during the run, ``teacher_from_warmup``), print the summary."""
+    during the run, ``teacher_from_warmup``) and the sampler (a vLLM engine's processes, a
+    server's adapter), print the summary."""
     try:
         result = await trainer.train()
     finally:
-        if trainer.teacher is not None:
-            await trainer.teacher.close()
+        try:
+            if trainer.teacher is not None:
+                await trainer.teacher.close()
+        finally:
+            await close_sampler(trainer.sampler)
     print(summary(result))
     return result
+
+
+async def close_sampler(sampler: Any) -> None:
+    """``close`` the sampler where it has one (the vLLM samplers; ``HFSampler`` holds nothing)."""
+    close = getattr(sampler, "close", None)
+    if close is not None:
+        await close()
 
 
 def summary(result: TrainResult) -> str:

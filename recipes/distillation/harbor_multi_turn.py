@@ -39,6 +39,7 @@ from recipes.common import (
     lmbda_mix,
     load_student,
     load_teacher,
+    make_sampler,
     quiet_libraries,
     run_training,
     single_teacher,
@@ -49,7 +50,6 @@ from tool_use.renderers.base import Renderer, RendererError
 from tool_use.types import Message, TokenEnv, ToolCall
 from training.errors import ModelLoadError, TrainingError, VocabularyMismatchError
 from training.rollouts import Policy, ScriptedPolicy
-from training.samplers import HFSampler
 from training.trainer import Trainer, TrainerConfig, TrainResult
 
 RECIPE = "harbor_multi_turn"
@@ -213,7 +213,7 @@ def build_trainer(config: Config) -> Trainer:
             model=student.model,
             tokenizer=student.tokenizer,
             renderer=student.renderer,
-            sampler=HFSampler(student.model, student.tokenizer, seed=config.seed),
+            sampler=make_sampler(config, student, config.seed),
             teacher=teacher.teacher if teacher is not None else None,
             teacher_renderer=teacher.renderer if teacher is not None else None,
             full_vocabulary_teacher=full_vocabulary,

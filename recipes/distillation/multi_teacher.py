@@ -47,12 +47,12 @@ from recipes.common import (
     lmbda_mix,
     load_student,
     load_teacher,
+    make_sampler,
     run_training,
 )
 from recipes.distillation.harbor_multi_turn import check_backend
 from recipes.distillation.on_policy import DATA_DIR, PromptKeys, dataset_policy
 from training.objectives import LossName
-from training.samplers import HFSampler
 from training.teachers.multi import BlendedTeacher, RoutedTeacher, TeacherMember
 from training.trainer import Trainer, TrainerConfig, TrainResult
 
@@ -265,7 +265,7 @@ def build_trainer(config: Config) -> Trainer:
         model=student.model,
         tokenizer=student.tokenizer,
         renderer=student.renderer,
-        sampler=HFSampler(student.model, student.tokenizer, seed=config.seed),
+        sampler=make_sampler(config, student, config.seed),
         teacher=teacher,
         full_vocabulary_teacher=full,
         dataset=data.dataset,

@@ -29,6 +29,7 @@ from recipes.common import (
     default_log_path,
     load_student,
     load_teacher,
+    make_sampler,
     run_training,
     single_teacher,
     teacher_policy,
@@ -36,7 +37,6 @@ from recipes.common import (
 from recipes.distillation.on_policy import PromptKeys, dataset_policy, prompt_datasets
 from training.objectives import SFT
 from training.off_policy import LmbdaMix
-from training.samplers import HFSampler
 from training.trainer import Trainer, TrainerConfig, TrainResult
 
 RECIPE = "off_policy_sft"
@@ -72,7 +72,7 @@ def build_trainer(config: Config) -> Trainer:
         model=student.model,
         tokenizer=student.tokenizer,
         renderer=student.renderer,
-        sampler=HFSampler(student.model, student.tokenizer, seed=config.seed),
+        sampler=make_sampler(config, student, config.seed),
         teacher=teacher.teacher if teacher else None,
         teacher_renderer=teacher.renderer if teacher else None,
         dataset=dataset,

@@ -37,12 +37,12 @@ from recipes.common import (
     lmbda_mix,
     load_student,
     load_teacher,
+    make_sampler,
     run_training,
     single_teacher,
 )
 from training.off_policy import reference_script
 from training.rollouts import Policy, ScriptedPolicy
-from training.samplers import HFSampler
 from training.trainer import Trainer, TrainerConfig, TrainResult
 
 RECIPE = "on_policy"
@@ -126,7 +126,7 @@ def build_trainer(config: Config) -> Trainer:
         model=student.model,
         tokenizer=student.tokenizer,
         renderer=student.renderer,
-        sampler=HFSampler(student.model, student.tokenizer, seed=config.seed),
+        sampler=make_sampler(config, student, config.seed),
         teacher=teacher.teacher,
         teacher_renderer=teacher.renderer,
         full_vocabulary_teacher=teacher.full_vocabulary,

@@ -13,6 +13,11 @@ estimate ``1 - C(n - c, k) / C(n, k)`` (n valid attempts, c solved; Chen et al. 
 when n < k. Overall: their means over tasks. Prints a table and writes ``results.json``,
 the episodes (``rollouts/eval_0000.jsonl``), ``report.png`` (success per task) and
 ``rollouts.html`` into ``log_path``.
+
+``sampler=vllm`` samples with vLLM's engine in this process (it starts on the base model and
+takes the loaded weights in place); ``sampler=URL`` asks a vLLM server that serves
+``model_name`` (a plain model: adapters and checkpoints are merged here, and merged weights
+cannot travel over HTTP).
 """
 
 from __future__ import annotations
@@ -23,23 +28,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.table import Table
 
 from envs.harbor.builders import HarborEnvConfig, HarborEnvGroupBuilder
-from envs.harbor.tasks import load_tasks
-from recipes.cli import RecipeConfig, dump_config
-from recipes.common import Dtype, cli
+from envs.harbor.tasks import HarborTask, load_tasks
+from recipes.cli import ConfigError, RecipeConfig, dump_config
+from recipes.common import (
+    Dtype,
+    SamplerChoice,
+    Student,
+    check_served_name,
+    cli,
+    close_sampler,
+    is_server_url,
+    make_sampler,
+)
 from recipes.distillation.harbor_multi_turn import check_backend
+from sandboxes.types import SandboxFactory
 from tool_use.renderers import get_renderer
+from tool_use.renderers.base import Renderer
 from tool_use.trajectory import Trajectory, write_jsonl
 from tool_use.types import ToolChoice
 from training import models
 from training.eval import pass_at_k
 from training.reports import REPORT_PNG, plot_task_success, write_rollout_viewer
 from training.rollouts import RolloutSettings, SamplerPolicy, do_rollouts
-from training.samplers import HFSampler
+from training.types import Sampler
 from training.weights import load_weights
 
 RECIPE = "harbor_rl_eval"
@@ -78,10 +94,17 @@ class Config(RecipeConfig):
     """Chat-template renderer (None: detected from the tokenizer)."""
     dtype: Dtype = "auto"
     """auto | bf16 | fp32 | fp16."""
+    sampler: SamplerChoice = "hf"
+    """Who samples the episodes: hf (this process) | vllm (vLLM's engine in this process) | the
+    http(s) URL of a vLLM server serving model_name."""
+    sampler_served_name: str | None = None
+    """The model name the sampler server serves (default: model_name)."""
     seed: int = 0
     """Seeds sampling."""
     log_path: str | None = None
     """Where results.json, rollouts/ and rollouts.html go (default runs/harbor_rl_eval-<time>)."""
+
+    _served_name = field_validator("sampler_served_name")(check_served_name)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -166,22 +189,15 @@ def table(rows: list[dict[str, Any]], total: dict[str, Any], ks: list[int], titl
     return out
 
 
-async def main(config: Config) -> dict[str, Any]:
-    log_path = Path(config.log_path or f"runs/{RECIPE}-{time.strftime('%Y%m%d-%H%M%S')}")
-    factory = check_backend(config.backend)
-    tasks = load_tasks(*config.tasks)
-    env_config = HarborEnvConfig(
-        tasks=config.tasks,
-        backend=config.backend,
-        group_size=config.attempts,
-        max_turns=config.max_turns,
-        command_timeout_s=config.command_timeout_s,
-        seed=config.seed,
-    )
-    loaded = load_weights(config.model_name, base_model=config.base_model, dtype=config.dtype)
-    torch.manual_seed(config.seed)
-    renderer = get_renderer(config.renderer, loaded.tokenizer)
-    sampler = HFSampler(loaded.model, loaded.tokenizer, seed=config.seed)
+async def attempt_tasks(
+    config: Config,
+    tasks: list[HarborTask],
+    factory: SandboxFactory,
+    env_config: HarborEnvConfig,
+    sampler: Sampler,
+    renderer: Renderer,
+) -> list[Trajectory]:
+    """Every attempt at every task, ``tasks_at_once`` tasks at a time."""
     policy = SamplerPolicy(sampler, temperature=config.sampling_temperature)
     settings = RolloutSettings(
         max_tokens=config.max_tokens,
@@ -199,6 +215,40 @@ async def main(config: Config) -> dict[str, Any]:
             progress="eval",
         )
         trajectories += [t for group in groups for t in group.trajectories]
+    return trajectories
+
+
+async def main(config: Config) -> dict[str, Any]:
+    log_path = Path(config.log_path or f"runs/{RECIPE}-{time.strftime('%Y%m%d-%H%M%S')}")
+    factory = check_backend(config.backend)
+    tasks = load_tasks(*config.tasks)
+    env_config = HarborEnvConfig(
+        tasks=config.tasks,
+        backend=config.backend,
+        group_size=config.attempts,
+        max_turns=config.max_turns,
+        command_timeout_s=config.command_timeout_s,
+        seed=config.seed,
+    )
+    loaded = load_weights(config.model_name, base_model=config.base_model, dtype=config.dtype)
+    if loaded.kind != "model" and is_server_url(config.sampler):
+        raise ConfigError(
+            f"sampler={config.sampler} samples the model that server serves, but "
+            f"model_name={config.model_name} names {loaded.kind} weights, merged in this "
+            "process, which cannot travel over HTTP; serve them (a run's export/merged, or its "
+            "base with --lora-modules NAME=export/adapter and sampler_served_name=NAME) and "
+            "pass the served model, or use sampler=hf or vllm"
+        )
+    torch.manual_seed(config.seed)
+    renderer = get_renderer(config.renderer, loaded.tokenizer)
+    student = Student(loaded.model, loaded.tokenizer, renderer)
+    sampler = make_sampler(config, student, config.seed, base_model=loaded.base_model)
+    try:
+        if loaded.kind != "model":  # a vLLM engine started on the base: the loaded weights
+            await sampler.update_weights(loaded.model)
+        trajectories = await attempt_tasks(config, tasks, factory, env_config, sampler, renderer)
+    finally:
+        await close_sampler(sampler)
     rows = task_results([t.name for t in tasks], trajectories, config.k)
     total = overall(rows, config.k)
     results = {

@@ -30,12 +30,12 @@ from recipes.common import (
     cli,
     default_log_path,
     load_student,
+    make_sampler,
     run_training,
 )
 from recipes.distillation.harbor_multi_turn import check_backend, reference_script
 from training.objectives import PolicyGradient
 from training.rollouts import ScriptedPolicy
-from training.samplers import HFSampler
 from training.trainer import Trainer, TrainerConfig, TrainResult
 
 RECIPE = "harbor_rl"
@@ -124,7 +124,7 @@ def build_trainer(config: Config) -> Trainer:
         model=student.model,
         tokenizer=student.tokenizer,
         renderer=student.renderer,
-        sampler=HFSampler(student.model, student.tokenizer, seed=config.seed),
+        sampler=make_sampler(config, student, config.seed),
         teacher=None,
         dataset=dataset,
         eval_dataset=eval_dataset,
