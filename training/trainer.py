@@ -326,7 +326,8 @@ class Trainer:
         try:
             # The sampler samples the student's own weights from the first rollout on: a
             # resumed run's, or a student loaded with a checkpoint (a vLLM sampler starts from
-            # the base model; for HFSampler, which holds the model itself, a no-op).
+            # the base model; HFSampler holds the model itself and only refreshes its merged
+            # LoRA copy before the next turn).
             await self.sampler.update_weights(self.model)
             if self.step_index == 0 and self.config.eval_before and self.eval_dataset:
                 eval_metrics = await self.evaluate(0)
