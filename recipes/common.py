@@ -25,19 +25,19 @@ import torch
 from pydantic import AfterValidator, BaseModel, Field, ValidationInfo, field_validator
 
 from envs.errors import EnvsError
+from envs.harbor.builders import HarborEnvConfig
 from recipes.cli import ConfigError, RecipeConfig, parse_cli
 from tool_use.renderers import get_renderer
 from tool_use.renderers.base import Renderer, RendererError
 from training import models
 from training.errors import ModelLoadError, TrainingError
-from training.objectives import make_objective
 from training.off_policy import LmbdaMix, TeacherPolicy, off_policy_objective
 from training.rollouts import Policy
 from training.samplers import HFSampler
 from training.samplers.vllm import VLLMServerSampler
 from training.samplers.vllm_engine import VLLMEngineSampler
 from training.teachers import LocalTeacher, VLLMServerTeacher
-from training.trainer import Trainer, TrainResult
+from training.trainer import Trainer, TrainResult, config_objective
 from training.types import Sampler, Teacher
 from training.vocab import check_same_vocabulary
 from training.weights import load_weights
@@ -108,6 +108,35 @@ class StudentKeys(RecipeConfig):
         return value
 
     _served_name = field_validator("sampler_served_name")(check_served_name)
+
+
+class HarborTaskKeys(RecipeConfig):
+    """Which Harbor tasks, where they run, and how episodes are batched."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["bundled"])
+    """Task sources: task dirs, dataset folders, registry.json, bundled[:train|:test]. Plain
+    bundled trains on the suite's train split and evaluates on its test split."""
+    eval_tasks: list[str] = Field(default_factory=list)
+    """Held-out tasks for evaluation (default: the split of tasks, if any)."""
+    backend: str = "local"
+    """Sandbox backend: local (bubblewrap), docker, harbor:<type>, or module:attr (a factory)."""
+    max_turns: int = Field(10, ge=1)
+    """Assistant turns per episode."""
+    group_size: int = Field(4, ge=1)
+    """Episodes per task in a batch."""
+    groups_per_batch: int = Field(8, ge=1)
+    """Tasks per batch."""
+    eval_group_size: int = Field(1, ge=1)
+    """Episodes per held-out task in an evaluation."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the training tasks (each a fresh shuffle)."""
+    command_timeout_s: float = Field(30.0, gt=0)
+    """Timeout of one bash command."""
+
+    def harbor_env_config(self, seed: int, **overrides: Any) -> HarborEnvConfig:
+        """These keys as the envs package's config (``overrides`` for recipe-specific ones)."""
+        keys = {name: getattr(self, name) for name in HarborTaskKeys.model_fields}
+        return HarborEnvConfig(**keys, seed=seed, **overrides)
 
 
 class TeacherKeys(RecipeConfig):
@@ -332,16 +361,7 @@ def lmbda_mix(
         if teacher is None:
             raise ConfigError("off_policy_source=teacher needs a teacher loaded at start-up")
         policy = teacher_policy(teacher, config)
-    objective = make_objective(
-        config.loss,
-        temperature=config.temperature,
-        kl_penalty_coef=config.kl_penalty_coef,
-        kl_discount_factor=config.kl_discount_factor,
-        clip_ratio=config.clip_ratio,
-        beta=config.beta,
-        top_k=config.top_k,
-        full_vocabulary=full_vocabulary,
-    )
+    objective = config_objective(config, full_vocabulary)
     return LmbdaMix(
         config.lmbda, policy, off_policy_objective(config.loss, objective), seed=config.seed
     )

@@ -207,6 +207,20 @@ StepCallback = Callable[[int, Mapping[str, float]], None]
 """Called after each step with (steps done, the step's metrics)."""
 
 
+def config_objective(config: TrainerConfig, full_vocabulary: bool = True) -> Objective:
+    """The objective that ``config``'s loss keys describe."""
+    return make_objective(
+        config.loss,
+        temperature=config.temperature,
+        kl_penalty_coef=config.kl_penalty_coef,
+        kl_discount_factor=config.kl_discount_factor,
+        clip_ratio=config.clip_ratio,
+        beta=config.beta,
+        top_k=config.top_k,
+        full_vocabulary=full_vocabulary,
+    )
+
+
 class Trainer:
     """Owns the trainable model, its optimizer and schedule, and runs the loop.
 
@@ -247,16 +261,7 @@ class Trainer:
         self.eval_dataset = eval_dataset
         self.tokenizer = tokenizer
         self.callbacks = list(callbacks)
-        self.objective = objective or make_objective(
-            config.loss,
-            temperature=config.temperature,
-            kl_penalty_coef=config.kl_penalty_coef,
-            kl_discount_factor=config.kl_discount_factor,
-            clip_ratio=config.clip_ratio,
-            beta=config.beta,
-            top_k=config.top_k,
-            full_vocabulary=full_vocabulary_teacher,
-        )
+        self.objective = objective or config_objective(config, full_vocabulary_teacher)
         if config.teacher_from_warmup and not config.sft_warmup_steps:
             raise ValueError("teacher_from_warmup=true needs sft_warmup_steps > 0")
         if (

@@ -22,14 +22,13 @@ import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from pydantic import Field
-
 from envs.errors import EnvsError
 from envs.harbor.builders import HarborDistillationDatasetBuilder, HarborEnvConfig
 from envs.harbor.tasks import HarborTask
 from envs.harbor.teacher_view import solution_commands
 from recipes.cli import ConfigError, dump_config, run_cli
 from recipes.common import (
+    HarborTaskKeys,
     MixKeys,
     OffPolicySource,
     StudentKeys,
@@ -55,32 +54,12 @@ from training.trainer import Trainer, TrainerConfig, TrainResult
 RECIPE = "harbor_multi_turn"
 
 
-class Config(TrainerConfig, MixKeys, TeacherKeys, StudentKeys):
+class Config(TrainerConfig, MixKeys, HarborTaskKeys, TeacherKeys, StudentKeys):
     """Multi-turn on-policy distillation on Harbor tasks."""
 
     recipe_name: ClassVar[str] = RECIPE
     """Names the default log folder: runs/<recipe_name>-<timestamp>."""
 
-    # ---- tasks and episodes ----
-    tasks: list[str] = Field(default_factory=lambda: ["bundled"])
-    """Task sources: task dirs, dataset folders, registry.json, bundled[:train|:test]. Plain
-    bundled trains on the suite's train split and evaluates on its test split."""
-    eval_tasks: list[str] = Field(default_factory=list)
-    """Held-out tasks for evaluation (default: the split of tasks, if any)."""
-    backend: str = "local"
-    """Sandbox backend: local (bubblewrap), docker, harbor:<type>, or module:attr (a factory)."""
-    max_turns: int = Field(10, ge=1)
-    """Assistant turns per episode."""
-    group_size: int = Field(4, ge=1)
-    """Episodes per task in a batch."""
-    groups_per_batch: int = Field(8, ge=1)
-    """Tasks per batch."""
-    eval_group_size: int = Field(1, ge=1)
-    """Episodes per held-out task in an evaluation."""
-    epochs: int = Field(1, ge=1)
-    """Passes over the training tasks (each a fresh shuffle)."""
-    command_timeout_s: float = Field(30.0, gt=0)
-    """Timeout of one bash command."""
     privileged_teacher: bool = True
     """The teacher sees the task's reference solution (solution/solve.sh) in its prompt."""
     teacher_template: str | None = None
@@ -94,23 +73,12 @@ class Config(TrainerConfig, MixKeys, TeacherKeys, StudentKeys):
 
 def env_config(config: Config) -> HarborEnvConfig:
     """The Harbor environment knobs of ``config``."""
-    updates: dict[str, Any] = {
-        "tasks": config.tasks,
-        "eval_tasks": config.eval_tasks,
-        "backend": config.backend,
-        "group_size": config.group_size,
-        "groups_per_batch": config.groups_per_batch,
-        "eval_group_size": config.eval_group_size,
-        "epochs": config.epochs,
-        "seed": config.seed,
-        "max_turns": config.max_turns,
-        "command_timeout_s": config.command_timeout_s,
-    }
+    updates: dict[str, Any] = {}
     if not config.privileged_teacher:
         updates["teacher_template"] = None
     elif config.teacher_template is not None:
         updates["teacher_template"] = config.teacher_template
-    return HarborEnvConfig(**updates)
+    return config.harbor_env_config(config.seed, **updates)
 
 
 def check_backend(backend: str) -> SandboxFactory:

@@ -22,9 +22,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from envs.harbor.builders import HarborDatasetBuilder, HarborEnvConfig
+from envs.harbor.builders import HarborDatasetBuilder
 from recipes.cli import dump_config
 from recipes.common import (
+    HarborTaskKeys,
     StudentKeys,
     check_resume,
     cli,
@@ -43,7 +44,7 @@ NO_TEACHER = "RL learns from the task's verifier reward; there is no teacher"
 """Why the trainer's distillation keys do not apply here (``Config.excluded_keys``)."""
 
 
-class Config(TrainerConfig, StudentKeys):
+class Config(TrainerConfig, HarborTaskKeys, StudentKeys):
     """RL on Harbor tasks with the verifier reward."""
 
     excluded_keys: ClassVar[dict[str, str]] = {
@@ -60,25 +61,8 @@ class Config(TrainerConfig, StudentKeys):
     """PPO-style clipping of the policy gradient's importance ratio; None: no clipping."""
     normalize_advantages: bool = False
     """Divide each group's centred rewards by their standard deviation (GRPO)."""
-    tasks: list[str] = Field(default_factory=lambda: ["bundled"])
-    """Task sources: task dirs, dataset folders, registry.json, bundled[:train|:test]. Plain
-    bundled trains on the suite's train split and evaluates on its test split."""
-    eval_tasks: list[str] = Field(default_factory=list)
-    """Held-out tasks for evaluation (default: the split of tasks, if any)."""
-    backend: str = "local"
-    """Sandbox backend: local (bubblewrap), docker, harbor:<type>, or module:attr."""
-    max_turns: int = Field(10, ge=1)
-    """Assistant turns per episode."""
     group_size: int = Field(4, ge=2)
     """Episodes per task in a batch (advantages compare them, so at least 2)."""
-    groups_per_batch: int = Field(8, ge=1)
-    """Tasks per batch."""
-    eval_group_size: int = Field(1, ge=1)
-    """Episodes per held-out task in an evaluation."""
-    epochs: int = Field(1, ge=1)
-    """Passes over the training tasks (each a fresh shuffle)."""
-    command_timeout_s: float = Field(30.0, gt=0)
-    """Timeout of one bash command."""
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -96,18 +80,7 @@ def build_trainer(config: Config) -> Trainer:
     check_resume(config)
     factory = check_backend(config.backend)
     builder = HarborDatasetBuilder(
-        HarborEnvConfig(
-            tasks=config.tasks,
-            eval_tasks=config.eval_tasks,
-            backend=config.backend,
-            group_size=config.group_size,
-            groups_per_batch=config.groups_per_batch,
-            eval_group_size=config.eval_group_size,
-            epochs=config.epochs,
-            seed=config.seed,
-            max_turns=config.max_turns,
-            command_timeout_s=config.command_timeout_s,
-        ),
+        config.harbor_env_config(config.seed),
         factory,
     )
     train_tasks, _ = builder.load_split()
