@@ -60,7 +60,9 @@ def spawn_owner(backend: str, mode: str = "auto") -> tuple[subprocess.Popen, dic
 
 def kill(child: subprocess.Popen, signum: int) -> None:
     child.send_signal(signum)
-    child.wait(timeout=30)
+    # A liveness bound, not a speed check: removing a container took over 30 s once while two
+    # vLLM servers loaded this 2-core machine.
+    child.wait(timeout=180)
 
 
 def wait_until(condition, timeout: float = 15.0) -> bool:
