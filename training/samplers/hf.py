@@ -297,10 +297,11 @@ class HFSampler:
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
-        """Eval mode (no dropout) while decoding; gradients are off per step instead, since
-        grad mode is per thread and the driver yields to other tasks between steps."""
-        model = self.model
-        was_training = model.training and self.decoder() is model
+        """Eval mode (no dropout) for the module that decodes (a merged copy always is);
+        gradients are off per step instead, since grad mode is per thread and the driver
+        yields to other tasks between steps."""
+        model = self.decoder()
+        was_training = model.training
         if was_training:
             model.eval()
         try:
