@@ -170,10 +170,10 @@ class HFSampler:
         """The module that decodes: the model, or its merged copy brought up to date."""
         if not (self.merge_lora and is_lora(self.model)):
             return self.model
-        if self._merged is None:
+        if self._merged is None or self._merged.source is not self.model:
             self._merged = MergedLoRA(self.model)
         elif self._merged_stale:
-            self._merged.refresh(self.model)
+            self._merged.refresh()
         self._merged_stale = False
         return self._merged.model
 

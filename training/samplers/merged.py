@@ -20,16 +20,16 @@ class MergedLoRA:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.source = model
-        self.model = copy.deepcopy(model).merge_and_unload().eval().requires_grad_(False)
-        for parameter in self.model.parameters():
-            parameter.grad = None
+        self.model = _merged_copy(model)
         self._targets = dict(self.model.named_parameters())
         self._sources = _source_names(model, self._targets)
 
-    def refresh(self, model: torch.nn.Module) -> None:
-        """Copy ``model``'s current weights (base + adapter deltas) into the merged copy."""
-        if model is not self.source or self._sources is None:
-            self.__init__(model)
+    def refresh(self) -> None:
+        """Bring the copy up to date with the source's current weights (base + adapter
+        deltas, in place; a new copy when some weight has no plain source)."""
+        model = self.source
+        if self._sources is None:
+            self.model = _merged_copy(model)
             return
         parameters = dict(model.named_parameters())
         with torch.no_grad():
@@ -40,6 +40,13 @@ class MergedLoRA:
                 for adapter in layer.active_adapters:
                     if adapter in layer.lora_A:
                         weight += layer.get_delta_weight(adapter).to(weight.dtype)
+
+
+def _merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    merged = copy.deepcopy(model).merge_and_unload().eval().requires_grad_(False)
+    for parameter in merged.parameters():
+        parameter.grad = None
+    return merged
 
 
 def is_lora(model: torch.nn.Module) -> bool:
