@@ -126,6 +126,9 @@ async def test_verifier_env_and_workdir(factory, make_task):
 
 NO_REWARD = script("echo this test forgot to write a reward")
 REWARD_ZERO = script("sleep 0.5; echo 0 > /logs/verifier/reward.txt")
+# The same honest 0, then a pause before the grader reads it: a still-running forger gets many
+# turns to overwrite it, so the unguarded counterfactual below does not hang on a race.
+REWARD_ZERO_THEN_WAIT = script("sleep 0.5; echo 0 > /logs/verifier/reward.txt; sleep 2")
 
 
 async def test_reward_file_written_by_the_agent_is_deleted(factory, make_task):
@@ -148,12 +151,15 @@ async def test_background_process_rewriting_the_reward_is_stopped(factory, make_
     with pytest.raises(GradingError, match="wrote no reward"):
         await grade(factory, make_task("a", test_sh=NO_REWARD), forge)
     assert (await grade(factory, make_task("b", test_sh=REWARD_ZERO), forge)).reward == 0.0
-    # Without the guard the writer wins the race (a forged 1) or at best breaks the reset:
-    # never the honest 0. The guard is what makes grading clean.
+    # Without the guard the writer overwrites the honest 0 while the tests still run (a forged
+    # 1), or at best breaks the reset: never the honest 0. The guard is what makes grading clean.
     try:
         unguarded = (
             await grade(
-                factory, make_task("c", test_sh=REWARD_ZERO), forge, stop_agent_processes=False
+                factory,
+                make_task("c", test_sh=REWARD_ZERO_THEN_WAIT),
+                forge,
+                stop_agent_processes=False,
             )
         ).reward
     except GradingError as exc:
