@@ -400,6 +400,9 @@ class Trainer:
         trajectories = [t for group in groups for t in group.trajectories]
         for trajectory in trajectories:
             trajectory.metadata["step"] = step + 1
+        sleep = getattr(self.sampler, "sleep", None)  # optional: free decoding-only memory
+        if sleep is not None:
+            await sleep()
         prepare = getattr(objective, "prepare", None)
         if prepare is not None:
             prepare(trajectories)

@@ -70,6 +70,9 @@ class Sampler(Protocol):
         """Make the next samples come from ``model``'s current weights (or LoRA adapter)."""
         ...
 
+    # Optional: ``async def sleep(self) -> None`` frees memory only decoding needs; the
+    # trainer calls it after each step's rollouts, and the next ``sample`` wakes the sampler.
+
 
 @dataclass
 class TeacherScores:

@@ -11,6 +11,7 @@ import torch
 
 from training import models
 from training.samplers import HFSampler
+from training.samplers.hf import _draw
 from training.types import SampledTokens, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -296,3 +297,48 @@ def test_a_lora_model_decodes_from_a_merged_copy_that_follows_its_updates(make_t
         assert_close(out.model_logprobs, expected)
     assert sampler.decoder() is sampler._merged.model  # one copy, refreshed in place
     assert not hasattr(sampler.decoder(), "peft_config")
+
+
+def test_a_sleeping_sampler_frees_the_merged_copy_and_wakes_with_the_current_weights(
+    make_tiny_model, prompts
+):
+    model = models.add_lora(make_tiny_model(seed=6), models.LoraSettings(rank=4))
+    sampler = HFSampler(model, merge_lora=True)
+    sampler.generate([prompts[0]], [GREEDY])
+    copy_bytes = sum(p.numel() for p in sampler._merged.model.parameters())
+    assert copy_bytes > 0
+    anyio.run(sampler.sleep)
+    assert sum(p.numel() for p in sampler._merged.model.parameters()) == 0
+    with torch.no_grad():  # the trainer's update happens while the sampler sleeps
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(9))
+    anyio.run(sampler.update_weights, model)
+    out = sampler.generate([prompts[2]], [GREEDY])[0]
+    assert sum(p.numel() for p in sampler._merged.model.parameters()) == copy_bytes
+    model.eval()
+    assert_close(out.model_logprobs, teacher_forced_logprobs(model, prompts[2], out.tokens))
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_entries():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    rows = 40_000
+    drawn = _draw(probs.expand(rows, -1).contiguous(), generator)
+    counts = torch.bincount(drawn, minlength=len(probs)).float() / rows
+    assert counts[probs == 0].sum() == 0
+    # 40k draws: the standard error of each frequency is below 0.0025
+    torch.testing.assert_close(counts, probs, atol=0.012, rtol=0)
+
+
+def test_inverse_cdf_draws_respect_each_rows_support():
+    probs = torch.zeros(3, 50)
+    probs[0, 7] = 1.0  # one token left (greedy-like after filtering)
+    probs[1, [0, 49]] = torch.tensor([0.25, 0.75])  # the last entry of the vocabulary
+    probs[2, 10:20] = 0.1
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        drawn = _draw(probs, generator)
+        assert drawn[0] == 7
+        assert drawn[1] in (0, 49)
+        assert 10 <= drawn[2] < 20

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import anyio
@@ -551,7 +552,7 @@ def test_teacher_kl_falls_on_a_fixed_set_with_the_embedded_model(embedded_model_
             return ["fruit"]
 
     config = TrainerConfig(
-        max_steps=8,
+        max_steps=12,
         max_tokens=6,
         loss="jsd",
         beta=1.0,
@@ -574,8 +575,10 @@ def test_teacher_kl_falls_on_a_fixed_set_with_the_embedded_model(embedded_model_
     )
     anyio.run(trainer.train)
     kl = [r["teacher_kl"] for r in read_metrics(tmp_path)]
-    assert len(kl) == 8
-    assert sum(kl[-2:]) / 2 < 0.6 * sum(kl[:2]) / 2, kl
+    assert len(kl) == 12
+    # Each step's KL is measured on 8 fresh samples, so single steps are noisy (+-0.15); with
+    # seeds 0, 2 and 4 the last three steps averaged 0.39-0.41x the first three.
+    assert sum(kl[-3:]) / 3 < 0.6 * sum(kl[:3]) / 3, kl
 
 
 def test_trainer_refuses_a_budget_the_forced_prefix_fills(
@@ -597,3 +600,30 @@ def test_config_reads_resume_flags_and_paths():
     assert TrainerConfig(resume="true").resume is True
     assert TrainerConfig(resume="false").resume is False
     assert TrainerConfig(resume="runs/x").resume == Path("runs/x")
+
+
+def test_the_sampler_sleeps_while_the_trainer_scores_and_trains(
+    make_tiny_model, smollm2_tokenizer, renderer, tmp_path
+):
+    trainer = make_trainer(
+        make_tiny_model, smollm2_tokenizer, renderer, tmp_path, shout_dataset(), max_steps=2
+    )
+    sampler, events = trainer.sampler, []
+    sleep, sample, update = sampler.sleep, sampler.sample, trainer.update
+
+    async def record_sleep():
+        events.append("sleep")
+        await sleep()
+
+    async def record_sample(prompt, params):
+        events.append("sample")
+        return await sample(prompt, params)
+
+    def record_update(scored, objective):  # the merged copy holds no weights while training
+        events.append(sum(p.numel() for p in sampler._merged.model.parameters()))
+        return update(scored, objective)
+
+    sampler.sleep, sampler.sample, trainer.update = record_sleep, record_sample, record_update
+    anyio.run(trainer.train)
+    steps = "".join("s" if e == "sample" else "z" if e == "sleep" else str(e) for e in events)
+    assert re.fullmatch(r"s+z0s+z0", steps), steps

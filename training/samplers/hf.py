@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from training.allocator import return_free_memory
 from training.samplers.merged import MergedLoRA, is_lora
 from training.types import SampledTokens, SamplingParams
 
@@ -165,6 +166,18 @@ class HFSampler:
         """Sample from ``model``'s current weights from now on."""
         self.model = model
         self._merged_stale = True
+
+    async def sleep(self) -> None:
+        """Free what only decoding needs (the merged copy's weights) until the next sample,
+        which rebuilds it from the current weights. The trainer calls this once its rollouts
+        are done, so training's peak memory does not hold a second copy of the model. Does
+        nothing while requests are running or waiting."""
+        if self._merged is None or self._pending or (self._batch and self._batch.rows):
+            return
+        self._batch = None
+        self._merged.release()
+        self._merged_stale = True
+        return_free_memory()  # else glibc keeps the freed copy resident (training/allocator.py)
 
     def decoder(self) -> torch.nn.Module:
         """The module that decodes: the model, or its merged copy brought up to date."""
@@ -459,8 +472,7 @@ class _Batch:
         scaled = _top_k(scaled, [r.params.top_k for r in rows])
         scaled = _top_p(scaled, [r.params.top_p for r in rows])
         sampling_logprobs = torch.log_softmax(scaled, dim=-1)
-        generator = self.sampler._generator
-        drawn = torch.multinomial(sampling_logprobs.exp(), 1, generator=generator)[:, 0]
+        drawn = _draw(sampling_logprobs.exp(), self.sampler._generator)
         tokens = torch.where(greedy, logits.argmax(dim=-1), drawn)
         chosen_model = model_logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
         chosen_sampling = sampling_logprobs.gather(-1, tokens[:, None])[:, 0]
@@ -472,6 +484,21 @@ class _Batch:
             row.sampling_logprobs.append(s_lp)
             row.model_logprobs.append(m_lp)
         return tokens
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``probs`` [B, V] by inverting its CDF with one uniform draw per row.
+    ``torch.multinomial`` draws an exponential per vocabulary entry instead: on CPU, 4.2 ms
+    against 0.35 ms for 4 x 49k entries (~7% of a SmolLM2 decoding step), 34 ms against 3.7 ms
+    at batch 32."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    # The first entry whose CDF exceeds u: never a zero-probability one (the CDF is flat there),
+    # and u rounded up to the total falls back to the last entry that has probability.
+    drawn = torch.searchsorted(cdf, u, right=True)[:, 0]
+    positions = torch.arange(cdf.shape[-1], device=cdf.device)
+    last = torch.where(probs > 0, positions, 0).amax(dim=-1)
+    return torch.minimum(drawn, last)
 
 
 def _make_row(prompt: Sequence[int], params: SamplingParams) -> _Row:

@@ -30,16 +30,26 @@ class MergedLoRA:
         model = self.source
         if self._sources is None:
             self.model = _merged_copy(model)
+            self._targets = dict(self.model.named_parameters())
             return
         parameters = dict(model.named_parameters())
         with torch.no_grad():
             for target, source in self._sources.items():
-                self._targets[target].copy_(parameters[source])
+                weight = self._targets[target]
+                if weight.shape != parameters[source].shape:  # released
+                    weight.data = torch.empty_like(parameters[source])
+                weight.copy_(parameters[source])
             for name, layer in _lora_layers(model):
                 weight = self._targets[f"{name}.weight"]
                 for adapter in layer.active_adapters:
                     if adapter in layer.lora_A:
                         weight += layer.get_delta_weight(adapter).to(weight.dtype)
+
+    def release(self) -> None:
+        """Free the copy's weights (the module structure stays); ``refresh`` brings them back.
+        Training does not need them, and they are a whole model's worth of memory."""
+        for weight in self._targets.values():
+            weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
 
 
 def _merged_copy(model: torch.nn.Module) -> torch.nn.Module:
