@@ -6,7 +6,9 @@ and decodes exactly ``new_tokens`` tokens at temperature 1 (EOS ignored, so ever
 the same work). ``HFSampler`` additionally returns two logprobs per token; ``generate``
 returns only tokens. Usage::
 
-    python -m bench.sampler [quick]
+    python -m bench.sampler [quick] [device=cpu|cuda]
+
+``device`` defaults to ``cuda`` where a GPU is visible (bf16 only there), else ``cpu``.
 
 Progress goes to stderr; the last line printed is one JSON object.
 """
@@ -60,8 +62,10 @@ def _ours(model, prompts, new_tokens: int) -> float:
 def _generate(model, tokenizer, prompts, new_tokens: int) -> float:
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id or 0
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device
+    )
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
@@ -75,20 +79,27 @@ def _generate(model, tokenizer, prompts, new_tokens: int) -> float:
             min_new_tokens=new_tokens,
             pad_token_id=pad,
         )
+    if out.is_cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     assert out.shape[1] == width + new_tokens
     return len(prompts) * new_tokens / elapsed
 
 
-def main(quick: bool = False) -> dict:
+def main(quick: bool = False, device: str | None = None) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"device={device}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("device=cuda: torch sees no CUDA device on this machine")
     result = context("sampler", quick)
     tokenizer = models.load_tokenizer(models.EMBEDDED_MODEL)
     new_tokens = 16 if quick else 64
     repeats = 1 if quick else 3
-    dtypes = ["bf16"] if quick else ["fp32", "bf16"]
+    dtypes = ["bf16"] if quick or device == "cuda" else ["fp32", "bf16"]
     results: dict[str, dict[str, float]] = {}
     for dtype in dtypes:
-        model, _ = models.load_frozen(models.EMBEDDED_MODEL, dtype=dtype, device="cpu")
+        model, _ = models.load_frozen(models.EMBEDDED_MODEL, dtype=dtype, device=device)
         for batch in (1, 8):
             prompts = _prompts(tokenizer, batch)
             _ours(model, prompts, 4)  # warm-up
@@ -106,6 +117,7 @@ def main(quick: bool = False) -> dict:
             log("sampler", f"{key} {results[key]}")
     return result | {
         "model": models.EMBEDDED_MODEL,
+        "device": device,
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
         "results": results,

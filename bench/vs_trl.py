@@ -21,7 +21,13 @@ use the whole budget). Usage::
 
     python -m bench.vs_trl [quick] [steps=N] [rounds=R] [loss=jsd]
         [student=PATH teacher=PATH] [trl_gradient_checkpointing=false]
-        [ours_gradient_checkpointing=true]
+        [ours_gradient_checkpointing=true] [device=cpu|cuda] [ours_sampler=hf|vllm]
+
+``device`` defaults to ``cuda`` where a GPU is visible, else ``cpu``; ``device=cpu`` on a GPU
+machine hides the GPU from both sides. On a GPU, peak GPU memory (``torch.cuda``'s allocated
+peak) is reported beside peak RSS and is what the memory target compares. ``ours_sampler=vllm``
+samples with vLLM's engine in-process (the recipe's ``sampler=vllm``; needs vLLM); TRL keeps
+its own generation.
 
 Needs TRL (``pip install -e '.[bench]'``). Target: ours >= 1.5x TRL's student tokens per second
 at no more peak memory. The last line printed is one JSON object.
@@ -62,6 +68,8 @@ class Setting:
     ours_gradient_checkpointing: bool = False
     """Ours: the recipe's default is off (speed); on, it matches TRL's default memory trade."""
     seed: int = 0
+    device: str = "cpu"
+    ours_sampler: str = "hf"
 
 
 def _prompts() -> list[list[dict[str, str]]]:
@@ -81,7 +89,16 @@ def _summary(side: str, ends: list[float], tokens: list[int], phases: dict[str, 
         "tokens": counted,
         "phases_s": {k: [round(x, 3) for x in v[1:]] for k, v in phases.items()},
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        **_peak_gpu(),
     }
+
+
+def _peak_gpu() -> dict[str, float]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 1e6, 1)}
 
 
 def run_trl(setting: Setting) -> dict[str, Any]:
@@ -98,8 +115,8 @@ def run_trl(setting: Setting) -> dict[str, Any]:
     from training import models
 
     torch.manual_seed(setting.seed)
-    student = models.load_model(setting.student, dtype=setting.dtype, device="cpu")
-    teacher, _ = models.load_frozen(setting.teacher, dtype=setting.dtype, device="cpu")
+    student = models.load_model(setting.student, dtype=setting.dtype, device=setting.device)
+    teacher, _ = models.load_frozen(setting.teacher, dtype=setting.dtype, device=setting.device)
     tokenizer = models.load_tokenizer(setting.student)
     tokenizer.padding_side = "left"
     dataset = datasets.Dataset.from_list([{"prompt": p} for p in _prompts()])
@@ -117,7 +134,7 @@ def run_trl(setting: Setting) -> dict[str, Any]:
         max_grad_norm=1.0,
         bf16=setting.dtype == "bf16",
         gradient_checkpointing=setting.trl_gradient_checkpointing,
-        use_cpu=True,
+        use_cpu=setting.device == "cpu",
         seed=setting.seed,
         logging_steps=1,
         save_strategy="no",
@@ -188,6 +205,7 @@ def run_ours(setting: Setting) -> dict[str, Any]:
         learning_rate=setting.learning_rate,
         max_grad_norm=1.0,
         gradient_checkpointing=setting.ours_gradient_checkpointing,
+        sampler=setting.ours_sampler,
         max_steps=setting.steps,
         eval_every=0,
         eval_before=False,
@@ -225,6 +243,9 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "student_tokens_per_step": round(statistics.mean(tokens), 1),
         "student_tokens_per_s": round(sum(tokens) / sum(steps), 2),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        **(
+            {"peak_gpu_mb": max(r["peak_gpu_mb"] for r in runs)} if "peak_gpu_mb" in runs[0] else {}
+        ),
         **phases,
         "steps_counted": len(steps),
     }
@@ -239,8 +260,20 @@ def main(
     loss: str = "sampled_reverse_kl",
     trl_gradient_checkpointing: bool | str = True,
     ours_gradient_checkpointing: bool | str = False,
+    device: str | None = None,
+    ours_sampler: str = "hf",
 ) -> dict[str, Any]:
+    import torch
+
     from training import models
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"device={device}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("device=cuda: torch sees no CUDA device on this machine")
+    if ours_sampler not in ("hf", "vllm"):
+        raise SystemExit(f"ours_sampler={ours_sampler}: expected hf or vllm")
 
     setting = Setting(
         student=student or models.EMBEDDED_MODEL,
@@ -249,6 +282,8 @@ def main(
         loss=loss,
         trl_gradient_checkpointing=str(trl_gradient_checkpointing).lower() in ("true", "1"),
         ours_gradient_checkpointing=str(ours_gradient_checkpointing).lower() in ("true", "1"),
+        device=device,
+        ours_sampler=ours_sampler,
     )
     if setting.steps < 2:
         raise SystemExit("steps must be >= 2 (the first step of each run is a warm-up)")
@@ -260,20 +295,22 @@ def main(
     for round_index in range(rounds_n):
         for side in SIDES:  # interleaved: TRL, ours, TRL, ours, ...
             log("vs_trl", f"round {round_index + 1}/{rounds_n}: {side}, {setting.steps} steps")
-            run = in_fresh_process(run_trl if side == "trl" else run_ours, setting)
+            hide_gpu = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None  # ours follows
+            run = in_fresh_process(run_trl if side == "trl" else run_ours, setting, env=hide_gpu)
             log("vs_trl", f"  {side}: steps {run['step_s']} s, tokens {run['tokens']}")
             runs[side].append(run)
     trl, ours = _aggregate(runs["trl"]), _aggregate(runs["ours"])
     speedup = ours["student_tokens_per_s"] / trl["student_tokens_per_s"]
-    memory = ours["peak_rss_mb"] / trl["peak_rss_mb"]
+    memory_key = "peak_gpu_mb" if device == "cuda" else "peak_rss_mb"
+    memory = ours[memory_key] / trl[memory_key]
     return result | {
         "trl_version": _trl_version(),
         "trl": trl,
         "ours": ours,
         "tokens_per_s_ratio": round(speedup, 2),
         "s_per_step_ratio": round(trl["s_per_step_median"] / ours["s_per_step_median"], 2),
-        "peak_rss_ratio": round(memory, 2),
-        "target": f"ours >= {TARGET_SPEEDUP}x TRL tokens/s at no more peak RSS",
+        f"{memory_key.removesuffix('_mb')}_ratio": round(memory, 2),
+        "target": f"ours >= {TARGET_SPEEDUP}x TRL tokens/s at no more {memory_key}",
         "target_met": speedup >= TARGET_SPEEDUP and memory <= 1.0,
         "runs": runs,
     }

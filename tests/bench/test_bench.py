@@ -165,3 +165,17 @@ def test_parse_args():
     assert common.parse_args([]) == (False, {})
     with pytest.raises(SystemExit, match="unexpected argument 'fast'"):
         common.parse_args(["fast"])
+
+
+@pytest.mark.parametrize("name", ["vs_trl", "sampler"])
+def test_gpu_benchmarks_name_the_device_they_need(name):
+    import importlib
+
+    import torch
+
+    main = importlib.import_module(f"bench.{name}").main
+    with pytest.raises(SystemExit, match=r"device=tpu: expected cpu or cuda"):
+        main(quick=True, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"device=cuda: torch sees no CUDA device"):
+            main(quick=True, device="cuda")
