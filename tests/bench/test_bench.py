@@ -179,3 +179,14 @@ def test_gpu_benchmarks_name_the_device_they_need(name):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match=r"device=cuda: torch sees no CUDA device"):
             main(quick=True, device="cuda")
+
+
+def test_the_vllm_side_of_the_sampler_benchmark_says_what_it_needs():
+    import importlib.util
+
+    from bench import sampler
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this interpreter: nothing is missing")
+    with pytest.raises(SystemExit, match=r"vllm=true needs vLLM.*apprentice\[vllm\]"):
+        sampler.main(quick=True, vllm="true")
