@@ -27,6 +27,7 @@ connection pool sized for many concurrent sandboxes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -79,6 +80,21 @@ IMAGE_REPOSITORY = "apprentice-env"
 DEFAULT_IMAGE = "debian:bookworm-slim"
 ExecMode = Literal["auto", "spawner", "api"]
 _client_lock = threading.Lock()
+_endpoint_lock = threading.Lock()
+"""Held around container start and removal on daemons that need it (``needs_endpoint_lock``)."""
+
+
+def needs_endpoint_lock(server_version: str) -> bool:
+    """Whether to start and remove containers one at a time with this daemon.
+
+    dockerd before 23.0 (its vendored libnetwork; e.g. Debian bookworm's docker.io 20.10.24) can
+    deadlock when containers' network endpoints are created and deleted at the same time
+    (moby/moby#46661, fixed upstream by moby/moby#42545): every later call then hangs, the whole
+    daemon with it. Seen here once in a fresh CI run: 64 sandboxes removed while others started.
+    Serialising the two operations in this process avoids it; newer daemons run them
+    concurrently."""
+    major = re.match(r"(\d+)\.", server_version or "")
+    return major is not None and int(major.group(1)) < 23
 
 
 def docker_available(timeout: float = 5.0) -> str | None:
@@ -160,6 +176,12 @@ class DockerFactory:
                 ) from exc
         return self.client
 
+    @functools.cached_property
+    def endpoint_guard(self) -> contextlib.AbstractContextManager:
+        """The lock to hold while starting or removing a container (a no-op on new daemons)."""
+        version = self.api.version().get("Version", "")
+        return _endpoint_lock if needs_endpoint_lock(version) else contextlib.nullcontext()
+
     @property
     def mode(self) -> Literal["spawner", "api"]:
         if self.exec_mode != "auto":
@@ -184,7 +206,8 @@ class DockerFactory:
                 owner = container["Labels"].get(OWNER_LABEL, "")
                 if owner and not _owner_alive(owner):
                     with contextlib.suppress(Exception):
-                        api.remove_container(container["Id"], force=True)
+                        with self.endpoint_guard:
+                            api.remove_container(container["Id"], force=True)
                         removed += 1
             reap_leftovers(self.root)
             return removed
@@ -382,7 +405,8 @@ class DockerSandbox:
                 detach=True,
             )
             self.container_id = container["Id"]
-            self._api.start(container["Id"])
+            with self._factory.endpoint_guard:
+                self._api.start(container["Id"])
             return container["Id"], self._api.inspect_container(container["Id"])
 
         try:
@@ -569,7 +593,10 @@ class DockerSandbox:
         if self._channel is not None:
             self._channel.close()
         if self.container_id is not None:
-            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            with (
+                contextlib.suppress(docker.errors.NotFound, docker.errors.APIError),
+                self._factory.endpoint_guard,
+            ):
                 self._api.remove_container(self.container_id, force=True)
         if self._request_fd >= 0:
             os.close(self._request_fd)
