@@ -22,8 +22,12 @@ from sandboxes.types import SandboxSpec
 pytestmark = pytest.mark.anyio
 
 CHILD = """
-import json, sys, anyio
+import json, signal, sys, anyio
 from sandboxes.types import SandboxSpec
+
+# Ctrl-C as at a terminal, however pytest was started: a process started in the background by a
+# non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 async def main(backend, mode):
     if backend == "local":

@@ -86,7 +86,13 @@ def test_bounded_factory_survives_several_event_loops() -> None:
 
 @pytest.mark.parametrize(
     ("version", "serialised"),
-    [("20.10.24+dfsg1", True), ("20.10.5", True), ("23.0.0", False), ("28.2.2", False), ("", False)],
+    [
+        ("20.10.24+dfsg1", True),
+        ("20.10.5", True),
+        ("23.0.0", False),
+        ("28.2.2", False),
+        ("", False),
+    ],
 )
 def test_daemons_with_the_endpoint_deadlock_start_and_remove_one_at_a_time(version, serialised):
     from sandboxes.docker import needs_endpoint_lock
