@@ -292,10 +292,10 @@ def main(
     rounds_n = int(rounds) if rounds is not None else (1 if quick else 3)
     result = context("vs_trl", quick) | {"setting": asdict(setting), "rounds": rounds_n}
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+    hide_gpu = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None  # ours follows it
     for round_index in range(rounds_n):
         for side in SIDES:  # interleaved: TRL, ours, TRL, ours, ...
             log("vs_trl", f"round {round_index + 1}/{rounds_n}: {side}, {setting.steps} steps")
-            hide_gpu = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None  # ours follows
             run = in_fresh_process(run_trl if side == "trl" else run_ours, setting, env=hide_gpu)
             log("vs_trl", f"  {side}: steps {run['step_s']} s, tokens {run['tokens']}")
             runs[side].append(run)
