@@ -22,7 +22,14 @@ from urllib.parse import urlparse
 
 import anyio
 import torch
-from pydantic import AfterValidator, BaseModel, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from envs.errors import EnvsError
 from envs.harbor.builders import HarborEnvConfig
@@ -36,7 +43,7 @@ from training.rollouts import Policy
 from training.samplers import HFSampler
 from training.samplers.vllm import VLLMServerSampler
 from training.samplers.vllm_engine import VLLMEngineSampler
-from training.teachers import LocalTeacher, VLLMServerTeacher
+from training.teachers import LocalTeacher, RemoteTeacher, VLLMServerTeacher
 from training.trainer import Trainer, TrainResult, config_objective
 from training.types import Sampler, Teacher
 from training.vocab import check_same_vocabulary
@@ -139,6 +146,35 @@ class HarborTaskKeys(RecipeConfig):
         return HarborEnvConfig(**keys, seed=seed, **overrides)
 
 
+class TeacherProtocol(StrEnum):
+    """What the server at a teacher URL speaks (``teacher_protocol``, ``TeacherSpec.protocol``)."""
+
+    VLLM = "vllm"
+    """A vLLM OpenAI-compatible server: prompt_logprobs over /v1/completions
+    (``VLLMServerTeacher``); it can also generate the teacher's turns."""
+    APPRENTICE = "apprentice"
+    """Our teacher server (``python -m recipes.serve_teacher``): any Hugging Face model scored
+    by ``LocalTeacher`` on the server's machine, binary answers (``RemoteTeacher``); it only
+    scores."""
+
+
+def check_teacher_server(
+    url: str | None, protocol: TeacherProtocol, served_name: str | None, keys: tuple[str, str, str]
+) -> None:
+    """A protocol other than the default, or a served name, only go with a server URL; our
+    server serves one model under no name. ``keys``: the url, protocol, served-name keys."""
+    url_key, protocol_key, name_key = keys
+    if url is None and protocol is not TeacherProtocol.VLLM:
+        raise ValueError(
+            f"{protocol_key}={protocol} names a teacher server, but {url_key} is unset"
+        )
+    if protocol is TeacherProtocol.APPRENTICE and served_name is not None:
+        raise ValueError(
+            f"{name_key} names a vLLM server's model; our teacher server "
+            f"({protocol_key}=apprentice) serves one model: leave {name_key} unset"
+        )
+
+
 class TeacherKeys(RecipeConfig):
     """One teacher, flat (the common keys of the single-teacher recipes)."""
 
@@ -149,10 +185,23 @@ class TeacherKeys(RecipeConfig):
     """Weights loaded onto teacher_model: a LoRA adapter folder, a checkpoint or run folder of
     ours (training.weights); None: teacher_model as it is."""
     teacher_url: str | None = None
-    """Base URL of a vLLM OpenAI-compatible server that scores for the teacher (e.g.
-    http://127.0.0.1:8000); None: the teacher runs in this process."""
+    """Base URL of a server that scores for the teacher (e.g. http://127.0.0.1:8000), speaking
+    teacher_protocol; None: the teacher runs in this process."""
+    teacher_protocol: TeacherProtocol = TeacherProtocol.VLLM
+    """What teacher_url speaks: vllm (a vLLM OpenAI-compatible server) | apprentice (ours:
+    python -m recipes.serve_teacher, binary answers, any HF model, scoring only)."""
     teacher_served_name: str | None = None
-    """The model name the teacher server serves (default: teacher_model)."""
+    """The model name the vLLM teacher server serves (default: teacher_model)."""
+
+    @model_validator(mode="after")
+    def _check_teacher_server(self) -> TeacherKeys:
+        check_teacher_server(
+            self.teacher_url,
+            self.teacher_protocol,
+            self.teacher_served_name,
+            ("teacher_url", "teacher_protocol", "teacher_served_name"),
+        )
+        return self
 
 
 class TeacherSpec(RecipeConfig):
@@ -167,9 +216,19 @@ class TeacherSpec(RecipeConfig):
     weight: float = Field(1.0, ge=0.0)
     """Its weight in a blend (normalised over the teachers)."""
     url: str | None = None
-    """A vLLM server that scores for it (None: it runs in this process)."""
+    """A server that scores for it, speaking protocol (None: it runs in this process)."""
+    protocol: TeacherProtocol = TeacherProtocol.VLLM
+    """What url speaks: vllm (a vLLM OpenAI-compatible server) | apprentice (ours:
+    python -m recipes.serve_teacher)."""
     served_name: str | None = None
-    """The model name that server serves (default: model)."""
+    """The model name the vLLM server serves (default: model)."""
+
+    @model_validator(mode="after")
+    def _check_server(self) -> TeacherSpec:
+        check_teacher_server(
+            self.url, self.protocol, self.served_name, ("url", "protocol", "served_name")
+        )
+        return self
 
 
 class OffPolicySource(StrEnum):
@@ -239,7 +298,10 @@ def load_teacher(
     name = name or spec.model
     if spec.url:
         tokenizer = models.load_tokenizer(spec.model)
-        teacher: Teacher = VLLMServerTeacher(spec.url, spec.served_name or spec.model, name=name)
+        if spec.protocol is TeacherProtocol.APPRENTICE:
+            teacher: Teacher = RemoteTeacher(spec.url, name=name)
+        else:
+            teacher = VLLMServerTeacher(spec.url, spec.served_name or spec.model, name=name)
         vocab_size, full, model = None, False, None
     else:
         if spec.checkpoint:
@@ -327,6 +389,7 @@ def single_teacher(config: Any) -> TeacherSpec:
         model=config.teacher_model,
         checkpoint=config.teacher_checkpoint,
         url=config.teacher_url,
+        protocol=config.teacher_protocol,
         served_name=config.teacher_served_name,
     )
 
@@ -338,6 +401,13 @@ def teacher_policy(teacher: LoadedTeacher, config: Any) -> Policy:
     else:
         spec = single_teacher(config)
         assert spec.url is not None
+        if spec.protocol is TeacherProtocol.APPRENTICE:
+            raise ConfigError(
+                f"off_policy_source=teacher has the teacher generate turns, but our teacher "
+                f"server at {spec.url} (teacher_protocol=apprentice) only scores; serve the "
+                "teacher with vLLM (teacher_protocol=vllm), load it here (no teacher_url), or "
+                "use off_policy_source=dataset"
+            )
         sampler = VLLMServerSampler(
             spec.url, spec.served_name or spec.model, tokenizer=teacher.tokenizer, seed=config.seed
         )

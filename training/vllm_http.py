@@ -2,7 +2,8 @@
 
 Both the teacher client (``teachers.vllm_server``) and the sampler client (``samplers.vllm``)
 send token-id prompts and read logprobs keyed by token id; this module builds those payloads,
-parses the answers, and owns the retrying HTTP client.
+parses the answers, and owns the retrying HTTP client (which our own teacher client,
+``teachers.remote``, shares).
 
 Scoring: ``max_tokens=1`` (vLLM refuses 0) with ``prompt_logprobs=K``; the answer's
 ``prompt_logprobs`` has one entry per prompt token: ``null`` for the first, then
@@ -34,7 +35,8 @@ SERVE_HINT = (
 
 class CompletionsClient:
     """POSTs JSON with bounded concurrency; retries connection errors, timeouts, 429 and 5xx
-    with exponential backoff and jitter; fails with ``error_type`` naming the URL.
+    with exponential backoff and jitter; fails with ``error_type`` naming the URL and ending
+    with ``hint`` (how to start the server).
 
     ``transport`` replaces the network (tests simulate a flaky server with
     ``httpx.MockTransport``)."""
@@ -49,6 +51,7 @@ class CompletionsClient:
         max_attempts: int = 5,
         backoff_s: float = 0.5,
         timeout_s: float = 600.0,
+        hint: str = SERVE_HINT,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -56,6 +59,7 @@ class CompletionsClient:
         self.error_type = error_type
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
+        self.hint = hint
         self._limit = anyio.Semaphore(max_concurrency)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -65,6 +69,18 @@ class CompletionsClient:
         )
 
     async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """The answer's JSON (``{"text": ...}`` for a plain-text answer)."""
+        response = await self._post(path, payload)
+        try:
+            return response.json()
+        except ValueError:  # e.g. the LoRA endpoints answer in plain text
+            return {"text": response.text}
+
+    async def post_bytes(self, path: str, payload: dict[str, Any]) -> bytes:
+        """The answer's body as it came (binary formats)."""
+        return (await self._post(path, payload)).content
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
         last = ""
         for attempt in range(self.max_attempts):
             if attempt:
@@ -84,14 +100,11 @@ class CompletionsClient:
                     f"{self.what} at {self.base_url} rejected POST {path} with HTTP "
                     f"{response.status_code}: {response.text[:1000]}"
                 )
-            try:
-                return response.json()
-            except ValueError:  # e.g. the LoRA endpoints answer in plain text
-                return {"text": response.text}
+            return response
         reachable = "failed" if last.startswith("HTTP") else "is unreachable"
         raise self.error_type(
             f"{self.what} at {self.base_url} {reachable} after {self.max_attempts} attempts "
-            f"({last}). {SERVE_HINT}"
+            f"({last}). {self.hint}"
         )
 
     async def aclose(self) -> None:

@@ -96,7 +96,7 @@ class Config(TrainerConfig, MixKeys, PromptKeys):
 
     teachers: list[TeacherSpec] = Field(default_factory=_default_teachers, min_length=1)
     """The teachers, as JSON: [{"model", "checkpoint"?, "route"?, "weight"?, "url"?,
-    "served_name"?}, ...]."""
+    "protocol"?, "served_name"?}, ...]."""
     mode: Mode = Mode.ROUTED
     """routed (each episode to the teacher its route names) | blended (weighted mixture)."""
     route_key: str = "teacher"
@@ -142,7 +142,7 @@ def load_teachers(config: Config, student: Student) -> list[tuple[TeacherSpec, L
     loaded: dict[tuple, LoadedTeacher] = {}
     out = []
     for spec in config.teachers:
-        key = (spec.model, spec.checkpoint, spec.url, spec.served_name)
+        key = (spec.model, spec.checkpoint, spec.url, spec.protocol, spec.served_name)
         if key not in loaded:
             loaded[key] = load_teacher(spec, student, config=config)
         out.append((spec, loaded[key]))
