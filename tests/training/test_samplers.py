@@ -12,6 +12,7 @@ import torch
 from training import models
 from training.samplers import HFSampler
 from training.samplers.hf import _draw
+from training.samplers.merged import MergedLoRA
 from training.types import SampledTokens, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -342,3 +343,29 @@ def test_inverse_cdf_draws_respect_each_rows_support():
         assert drawn[0] == 7
         assert drawn[1] in (0, 49)
         assert 10 <= drawn[2] < 20
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_the_merged_copy_equals_peft_merging_the_active_adapters(make_tiny_model, dora):
+    from peft import LoraConfig
+
+    model = models.add_lora(make_tiny_model(seed=7), models.LoraSettings(rank=4))
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    if dora:  # DoRA deltas are not B @ A: they take peft's own path
+        model.add_adapter("dora", LoraConfig(r=2, use_dora=True, target_modules=["v_proj"]))
+        model.base_model.set_adapter(["default", "second", "dora"])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    merged = MergedLoRA(model)
+    merged.release()
+    merged.refresh()  # into freshly allocated buffers
+    expected = dict(copy.deepcopy(model).merge_and_unload().named_parameters())
+    actual = dict(merged.model.named_parameters())
+    assert actual.keys() == expected.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(actual[name], weight, rtol=1e-5, atol=1e-5, msg=name)
+    base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.allclose(actual["model.layers.0.self_attn.q_proj.weight"], base)

@@ -186,6 +186,8 @@ class HFSampler:
         if self._merged is None or self._merged.source is not self.model:
             self._merged = MergedLoRA(self.model)
         elif self._merged_stale:
+            if self._merged.released:  # training just freed its activations: hand them back
+                return_free_memory()  # before a model's worth is allocated on top of them
             self._merged.refresh()
         self._merged_stale = False
         return self._merged.model
