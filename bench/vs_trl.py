@@ -11,7 +11,7 @@ sampled-token estimate (``loss=sampled_reverse_kl``, the recipe's default); ``lo
 ours on TRL's exact objective (``beta=1``). TRL keeps its defaults otherwise (gradient
 checkpointing on; ``trl_gradient_checkpointing=false`` turns it off). Ours trades memory its own
 way: no recomputation (``ours_gradient_checkpointing=true`` turns it on) but micro-batches of
-``ours_microbatch_tokens`` padded tokens (384: about two of the four sequences at a time,
+``ours_microbatch_tokens`` padded tokens (256: two of the four ~105-token sequences at a time,
 gradients accumulated; the recipe's default 4096 takes the batch at once).
 
 Each side runs in its own fresh process (so peak RSS is its own: models, libraries, training),
@@ -70,7 +70,7 @@ class Setting:
     trl_gradient_checkpointing: bool = True
     ours_gradient_checkpointing: bool = False
     """Ours: the recipe's default is off (speed); on, it matches TRL's default memory trade."""
-    ours_microbatch_tokens: int = 384
+    ours_microbatch_tokens: int = 256
     """Ours: padded tokens per forward/backward (gradients accumulate over the batch): about
     two sequences at a time, which holds half the activations for ~2% of the training time."""
     seed: int = 0
