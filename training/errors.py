@@ -27,7 +27,7 @@ class InferenceServerError(TrainingError, EnvironmentFailure):
 
 
 class TeacherServerError(InferenceServerError):
-    """The vLLM teacher server failed or cannot be reached."""
+    """A teacher server (vLLM, or ours: ``teachers.remote``) failed or cannot be reached."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, kind="teacher")

@@ -95,7 +95,14 @@ def test_teacher_quick():
     result = teacher.main(quick=True)
     check_context(result, "teacher")
     assert result["local_chunked_bf16_tok_s"] > 0 and result["local_naive_bf16_tok_s"] > 0
-    assert "vllm_server_bf16_tok_s" not in result  # quick mode never starts a server
+    # our teacher server runs in quick mode too (a subprocess, stopped by the benchmark)
+    assert result["ours_remote_bf16_tok_s"] > 0 and result["ours_local_bf16_tok_s"] > 0
+    assert result["ours_top0_bytes_per_token"] < 4.5  # float32 plus a 20-byte header
+    assert 40 < result["ours_top5_bytes_per_token"] < 45  # + 5 x (int32 + float32)
+    assert 4 <= result["ours_top0_last_quarter_bytes_per_token"] < 5
+    assert result["ours_request_json_bytes_per_token"] > 0
+    assert result["plain_json_floats_bytes_per_token"] > 10
+    assert "vllm_server_bf16_tok_s" not in result  # quick mode never starts a vLLM server
     assert "server_skipped" in result
 
 
