@@ -517,16 +517,23 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def parse_or_explain[C: BaseModel](config_cls: type[C], argv: Sequence[str] | None) -> C | None:
+    """The config from the command line; None after saying on stderr what is wrong with it."""
+    try:
+        return parse_cli(config_cls, argv)
+    except ConfigError as error:
+        print(f"error: {error}\n(run with --help to list every key)", file=sys.stderr)
+        return None
+
+
 def cli[C: BaseModel](
     main: Callable[[C], Awaitable[Any]], config_cls: type[C], argv: Sequence[str] | None = None
 ) -> int:
     """Parse, run ``main``; a bad config, bad data, models that cannot work together: one
     paragraph on stderr and exit status 2, no traceback."""
     quiet_libraries()
-    try:
-        config = parse_cli(config_cls, argv)
-    except ConfigError as error:
-        print(f"error: {error}\n(run with --help to list every key)", file=sys.stderr)
+    config = parse_or_explain(config_cls, argv)
+    if config is None:
         return 2
     try:
         anyio.run(main, config)

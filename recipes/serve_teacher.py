@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from recipes.cli import ConfigError, RecipeConfig, parse_cli
-from recipes.common import Dtype, quiet_libraries
+from recipes.cli import RecipeConfig
+from recipes.common import Dtype, parse_or_explain, quiet_libraries
 from training import models
 from training.errors import TrainingError
 from training.teachers import LocalTeacher
@@ -70,10 +70,8 @@ def load(config: Config) -> LocalTeacher:
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
-    try:
-        config = parse_cli(Config, argv)
-    except ConfigError as error:
-        print(f"error: {error}\n(run with --help to list every key)", file=sys.stderr)
+    config = parse_or_explain(Config, argv)
+    if config is None:
         return 2
     signal.signal(signal.SIGTERM, _stop)  # while loading; uvicorn takes it over while serving
     try:
