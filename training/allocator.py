@@ -3,9 +3,11 @@
 PyTorch's CPU allocator is plain ``malloc``. glibc maps a large block with its own ``mmap``
 (unmapped on free) only while the block is above a threshold that it raises each time such a
 block is freed (up to 32 MB); after the first freed weight or activation tensor, blocks of that
-size come from the heap, where freed memory stays resident. So freeing a model-sized buffer
-(the sampler's merged copy while training runs) lowers nothing by itself: measured with the
-embedded SmolLM2, releasing the 300 MB copy left the process's RSS where it was.
+size come from the heap, where freed memory stays resident. So freeing many weight- or
+activation-sized blocks lowers nothing by itself: measured with the embedded SmolLM2, releasing
+the sampler's 300 MB merged copy when it was one tensor per weight left the process's RSS where
+it was (the copy now lives in one buffer above the threshold, which leaves on free; training's
+activations still come from the heap).
 ``malloc_trim`` returns the heap's free pages; the next use faults them in again (~0.1 s per
 300 MB here), so call it where a large buffer was just freed and memory is about to peak.
 

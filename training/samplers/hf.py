@@ -177,7 +177,7 @@ class HFSampler:
         self._batch = None
         self._merged.release()
         self._merged_stale = True
-        return_free_memory()  # else glibc keeps the freed copy resident (training/allocator.py)
+        return_free_memory()  # the heap's free pages too, before training (training/allocator.py)
 
     def decoder(self) -> torch.nn.Module:
         """The module that decodes: the model, or its merged copy brought up to date."""
