@@ -369,31 +369,3 @@ def test_the_merged_copy_equals_peft_merging_the_active_adapters(make_tiny_model
         torch.testing.assert_close(actual[name], weight, rtol=1e-5, atol=1e-5, msg=name)
     base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     assert not torch.allclose(actual["model.layers.0.self_attn.q_proj.weight"], base)
-
-
-def test_the_merged_copy_computes_sibling_projections_in_one_matmul(make_tiny_model, monkeypatch):
-    model = models.add_lora(make_tiny_model(seed=8), models.LoraSettings(rank=4))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
-    merged = MergedLoRA(model)
-    expected = copy.deepcopy(model).merge_and_unload().eval()
-    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
-    calls = []
-    real_linear = torch.nn.functional.linear
-    monkeypatch.setattr(
-        torch.nn.functional, "linear", lambda *a, **k: calls.append(1) or real_linear(*a, **k)
-    )
-    with torch.no_grad():
-        logits = merged.model(input_ids=ids).logits
-        fused_calls, calls[:] = len(calls), []
-        torch.testing.assert_close(logits, expected(input_ids=ids).logits)
-    layers = model.config.num_hidden_layers
-    assert len(calls) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer + the LM head
-    assert fused_calls == 4 * layers + 1  # [q; k; v], o, [gate; up], down
-    merged.release()  # the stacked views go with the buffer, and come back with it
-    assert all(group.weight is None for _, _, group in merged._groups)
-    merged.refresh()
-    with torch.no_grad():
-        torch.testing.assert_close(merged.model(input_ids=ids).logits, logits)

@@ -18,25 +18,27 @@ Why a hand-written decoding loop rather than ``model.generate``: each row needs 
 top-k / top-p, forced and banned tokens for ``tool_choice``, and multi-token stop sequences.
 The loop computes ``log_softmax`` only for each row's last position, prefills prompts in
 groups of similar length and merges their KV caches into the running batch with left padding
-(short prompts do not pay for long ones), and drops finished rows from the batch.
+(short prompts do not pay for long ones), and drops finished rows from the batch. The forward
+passes themselves belong to a ``Decoder`` (``samplers.decoders``): for Llama-family models a
+lean step of our own (``samplers.llama``), else the model's own forward.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from training.allocator import return_free_memory
+from training.samplers.decoders import Decoder, make_decoder
 from training.samplers.merged import MergedLoRA, is_lora
 from training.types import SampledTokens, SamplingParams
 
@@ -107,7 +109,8 @@ class HFSampler:
     decodes from a merged copy (``merge_lora``; default on CPU, where peft's per-layer overhead
     costs ~1.4x at decode time; it doubles the model's memory), refreshed by
     ``update_weights``. Either way, call ``update_weights`` after changing the weights, between
-    rollouts, so samples come from the current weights."""
+    rollouts, so samples come from the current weights. Llama-family models decode with a lean
+    step of our own (``lean_decoding``; same tokens as their own forward, ~20% faster on CPU)."""
 
     def __init__(
         self,
@@ -121,8 +124,12 @@ class HFSampler:
         max_prefill_tokens: int = 16384,
         seed: int | None = None,
         merge_lora: bool | None = None,
+        lean_decoding: bool | None = None,
     ) -> None:
         self.model = model
+        self.lean_decoding = lean_decoding
+        """None: the lean decoding step where the architecture has one (``samplers.llama``);
+        False: always the model's own forward; True: the lean step or an error."""
         if merge_lora is None:
             merge_lora = _device_of(model).type == "cpu"
         self.merge_lora = merge_lora
@@ -332,7 +339,8 @@ class _Part:
     mask [B, W], next positions [B] and next-token logits [B, V] (float32)."""
 
     rows: list[_Row]
-    cache: DynamicCache | None
+    cache: Any
+    """The decoder's KV cache for these rows (None once no row is left)."""
     attention: torch.Tensor
     lengths: torch.Tensor
     next_logits: torch.Tensor | None
@@ -345,6 +353,7 @@ class _Batch:
     def __init__(self, sampler: HFSampler) -> None:
         self.sampler = sampler
         self.model = sampler.decoder()
+        self.decoder: Decoder = make_decoder(self.model, lean=sampler.lean_decoding)
         self.device = _device_of(self.model)
         empty = torch.zeros((0, 0), dtype=torch.long, device=self.device)
         self.part = _Part([], None, empty, empty.new_zeros(0), None)
@@ -370,7 +379,7 @@ class _Batch:
         )
         parts = [self.part] if self.rows else []
         parts += [self._prefill(group) for group in groups]
-        self.part = parts[0] if len(parts) == 1 else _merge(parts)
+        self.part = parts[0] if len(parts) == 1 else self._merge(parts)
         self.sampler.stats["admissions"] += 1
         self.sampler.stats["rows"] += len(rows)
         spent = [i for i, r in enumerate(self.rows) if r.params.max_tokens <= len(r.tokens)]
@@ -390,16 +399,9 @@ class _Batch:
             return done
         part = self.part
         part.attention = torch.cat([part.attention, part.attention.new_ones(len(kept), 1)], 1)
-        out = self.model(
-            input_ids=tokens[kept][:, None],
-            attention_mask=part.attention,
-            position_ids=part.lengths[:, None],
-            use_cache=True,
-            logits_to_keep=1,
-            **{_cache_kwarg(self.model): part.cache},
-        )
+        logits = self.decoder.step(tokens[kept], part.attention, part.lengths, part.cache)
         part.lengths = part.lengths + 1
-        part.next_logits = out.logits[:, -1, :].float()
+        part.next_logits = logits.float()
         return done
 
     def drop_abandoned(self) -> None:
@@ -417,10 +419,7 @@ class _Batch:
         keep = [i for i in range(len(part.rows)) if i not in set(indices)]
         part.rows = [part.rows[i] for i in keep]
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        if part.rows:
-            part.cache.batch_select_indices(index)
-        else:
-            part.cache = None
+        part.cache = self.decoder.select(part.cache, index) if part.rows else None
         part.attention, part.lengths = part.attention[index], part.lengths[index]
         part.next_logits = part.next_logits[index] if part.next_logits is not None else None
         return [self._request_of.pop(r) for r in gone if r in self._request_of]
@@ -437,16 +436,9 @@ class _Batch:
             mask[i, width - len(context) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         keep = 1 + max(len(r.forced) for r in group)
-        cache = DynamicCache()
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            use_cache=True,
-            logits_to_keep=keep,
-            **{_cache_kwarg(self.model): cache},
-        )
-        logits = out.logits.float()  # [g, keep, V]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self.decoder.prefill(ids, mask, positions, keep)
+        logits = logits.float()  # [g, keep, V]
         for i, row in enumerate(group):
             n = len(row.forced)
             if n:
@@ -457,6 +449,19 @@ class _Batch:
                 row.sampling_logprobs.extend([0.0] * n)
         lengths = torch.tensor([r.context_length for r in group], device=self.device)
         return _Part(group, cache, mask, lengths, logits[:, -1, :])
+
+    def _merge(self, parts: list[_Part]) -> _Part:
+        """Concatenate parts along the batch, left-padding caches and masks to the widest."""
+        widths = [part.attention.shape[1] for part in parts]
+        width = max(widths)
+        padded = [F.pad(p.attention, (width - w, 0)) for p, w in zip(parts, widths, strict=True)]
+        return _Part(
+            rows=[row for part in parts for row in part.rows],
+            cache=self.decoder.merge([part.cache for part in parts], widths),
+            attention=torch.cat(padded),
+            lengths=torch.cat([part.lengths for part in parts]),
+            next_logits=torch.cat([part.next_logits for part in parts]),
+        )
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Pick one token per row; record both logprobs. ``logits`` [B, V] float32."""
@@ -575,33 +580,6 @@ def _length_groups(rows: list[_Row], waste: float, max_tokens: int) -> list[list
                 continue
         groups.append([row])
     return groups
-
-
-def _merge(parts: list[_Part]) -> _Part:
-    """Concatenate parts along the batch, left-padding caches and masks to the widest."""
-    width = max(part.attention.shape[1] for part in parts)
-    layers = []
-    for layer in range(len(parts[0].cache.layers)):
-        keys, values = [], []
-        for part in parts:
-            pad = (0, 0, width - part.attention.shape[1], 0)
-            keys.append(F.pad(part.cache.layers[layer].keys, pad))
-            values.append(F.pad(part.cache.layers[layer].values, pad))
-        layers.append((torch.cat(keys), torch.cat(values)))
-    return _Part(
-        rows=[row for part in parts for row in part.rows],
-        cache=DynamicCache(layers),
-        attention=torch.cat([F.pad(p.attention, (width - p.attention.shape[1], 0)) for p in parts]),
-        lengths=torch.cat([part.lengths for part in parts]),
-        next_logits=torch.cat([part.next_logits for part in parts]),
-    )
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` is
-    deprecated); older releases only know ``past_key_values``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -14,19 +14,20 @@ tensors plus peft's ``get_delta_weight`` (a float32 delta per layer, cast, then 
 140-320 ms per refresh of the embedded SmolLM2 (rank 16, bf16, 2 cores); this takes 50-80 ms,
 110-170 ms right after a ``release``, and is as close to the float32 merge. One buffer also
 lets ``release`` hand the whole copy back to the OS: a block that large is its own ``mmap``,
-while per-weight blocks come from glibc's heap and fragment it (``training.allocator``).
+while per-weight blocks come from glibc's heap and fragment it (``training.allocator``). The
+buffer follows the model's parameter order, so sibling projections (``q``/``k``/``v``,
+``gate``/``up``) lie back to back and the lean decoding step (``samplers.llama``) computes each
+group as one matmul over a view of the buffer.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 
 import torch
 
 from training.allocator import return_free_memory
-from training.samplers.fused import FusedGroup, fusable_groups
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,7 @@ class MergedLoRA:
         self._slots, self._sizes = _layout(self._targets)
         self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         self._released = False
-        self._groups: list[tuple[_Slot, int, FusedGroup]] = []
         if self._sources is not None:  # move into the buffers; the copy's own weights go
-            self._groups = _fuse(self.model, self._slots)
             self._allocate()
             self.refresh()
             return_free_memory()  # back to the heap, whose free pages this returns
@@ -68,7 +67,6 @@ class MergedLoRA:
         layers = dict(_lora_layers(model))
         if self._sources is None or not all(map(_is_plain, layers.values())):
             self._buffers.clear()
-            self._groups = []
             self.model = _merged_copy(model)
             self._targets = dict(self.model.named_parameters())
             return
@@ -101,8 +99,6 @@ class MergedLoRA:
         Training does not need them, and they are a whole model's worth of memory."""
         for weight in self._targets.values():
             weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
-        for _, _, group in self._groups:
-            group.weight = None
         self._buffers.clear()
         self._released = True
 
@@ -112,9 +108,6 @@ class MergedLoRA:
         }
         for name, slot in self._slots.items():
             self._targets[name].data = slot.view(self._buffers[slot.key])
-        for first, size, group in self._groups:
-            stacked = self._buffers[first.key][first.offset : first.offset + size]
-            group.weight = stacked.view(-1, first.shape[1])
 
 
 def _layout(
@@ -126,24 +119,6 @@ def _layout(
         slots[name] = _Slot(key, sizes.get(key, 0), weight.shape)
         sizes[key] = sizes.get(key, 0) + weight.numel()
     return slots, sizes
-
-
-def _fuse(model: torch.nn.Module, slots: dict[str, _Slot]) -> list[tuple[_Slot, int, FusedGroup]]:
-    """Fused projections (``samplers.fused``) for each group whose weights lie back to back
-    in one buffer: the group's first slot, the group's size, the group."""
-    groups = []
-    for names, linears in fusable_groups(model):
-        group_slots = [slots.get(name) for name in names]
-        if None in group_slots:
-            continue
-        adjacent = all(
-            a.key == b.key and b.offset == a.offset + a.shape.numel()
-            for a, b in itertools.pairwise(group_slots)
-        )
-        if adjacent:
-            size = sum(slot.shape.numel() for slot in group_slots)
-            groups.append((group_slots[0], size, FusedGroup(linears)))
-    return groups
 
 
 def _active_adapters(layer) -> list[str]:
