@@ -14,6 +14,12 @@ once) on the same prompts; it stops rows at EOS, so its rate counts the tokens i
 It needs vLLM in this interpreter: ``pip install 'apprentice[vllm]'`` on a GPU machine (the
 CPU build lives in a Python 3.11 venv, where this package's 3.12 modules do not import).
 
+``decode_step_ms``: one decoding step at batch 4 (bf16) with the KV cache already holding
+``width`` columns, our lean step (``samplers.llama``) against the model's own forward with
+transformers' ``DynamicCache`` (``samplers.decoders.HFDecoder``), median over interleaved
+repeats. The caches hold random keys and values (a step costs the same whatever they hold), so
+long contexts are measured without prefilling them.
+
 Progress goes to stderr; the last line printed is one JSON object.
 """
 
@@ -29,6 +35,8 @@ import torch
 from bench.common import context, log, run_main
 from training import models
 from training.samplers import HFSampler
+from training.samplers.decoders import HFDecoder
+from training.samplers.llama import KVBuffers, LlamaDecoder
 from training.types import SamplingParams
 
 QUESTIONS = [
@@ -92,6 +100,53 @@ def _generate(model, tokenizer, prompts, new_tokens: int) -> float:
     return len(prompts) * new_tokens / elapsed
 
 
+def _decode_step_ms(model, widths: list[int], steps: int, repeats: int) -> dict:
+    """Median ms per decoding step at batch 4 with ``width`` columns cached, per decoder."""
+    from transformers import DynamicCache
+
+    config, batch = model.config, 4
+    head_dim = config.hidden_size // config.num_attention_heads
+    layers = config.num_hidden_layers
+    dtype = next(model.parameters()).dtype
+    lean, own = LlamaDecoder(model), HFDecoder(model)
+    out: dict[str, dict[str, float]] = {}
+    for width in widths:
+        shape = (batch, config.num_key_value_heads, width, head_dim)
+        kv = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))] * layers
+        runs = []
+        for _ in range(repeats):  # interleaved
+            buffers = KVBuffers.zeros(kv[0][0], layers, batch, width)
+            for index, (k, v) in enumerate(kv):
+                buffers.keys[index, :, :, :width] = k
+                buffers.values[index, :, :, :width] = v
+            runs.append(
+                (
+                    _time_steps(lean, buffers, width, steps),
+                    _time_steps(own, DynamicCache(kv), width, steps),
+                )
+            )
+        out[str(width)] = {
+            "lean_ms": round(statistics.median(r[0] for r in runs), 2),
+            "own_forward_ms": round(statistics.median(r[1] for r in runs), 2),
+        }
+        log("sampler", f"decode step with {width} cached: {out[str(width)]}")
+    return out
+
+
+def _time_steps(decoder, cache, width: int, steps: int) -> float:
+    """Mean ms per step of ``steps`` decoding steps of 4 rows from a cache ``width`` wide."""
+    tokens = torch.arange(4) + 100
+    attention = torch.ones((4, width), dtype=torch.long)
+    positions = torch.full((4,), width)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(steps):
+            attention = torch.cat([attention, attention.new_ones(4, 1)], 1)
+            decoder.step(tokens, attention, positions, cache)
+            positions = positions + 1
+    return (time.perf_counter() - start) / steps * 1000
+
+
 def _vllm(dtype: str, batches: dict[int, list[list[int]]], new_tokens: int, repeats: int):
     """Tokens/s of ``VLLMEngineSampler`` per batch size (one engine for all of them)."""
     from training.samplers.vllm_engine import VLLMEngineSampler
@@ -139,6 +194,7 @@ def main(quick: bool = False, device: str | None = None, vllm: bool | str = Fals
     repeats = 1 if quick else 3
     dtypes = ["bf16"] if quick or device == "cuda" else ["fp32", "bf16"]
     results: dict[str, dict[str, float]] = {}
+    decode_step_ms: dict[str, dict[str, float]] = {}
     for dtype in dtypes:
         model, _ = models.load_frozen(models.EMBEDDED_MODEL, dtype=dtype, device=device)
         for batch in (1, 8):
@@ -156,6 +212,9 @@ def main(quick: bool = False, device: str | None = None, vllm: bool | str = Fals
             key = f"{dtype}_batch{batch}"
             results[key] = {"hf_sampler_tok_s": round(ours, 1), "generate_tok_s": round(plain, 1)}
             log("sampler", f"{key} {results[key]}")
+        if dtype == "bf16":
+            widths = [128, 1024] if quick else [128, 1024, 4096, 8192]
+            decode_step_ms = _decode_step_ms(model, widths, 8 if quick else 32, repeats)
         del model
         if vllm:
             batches = {batch: _prompts(tokenizer, batch) for batch in (1, 8)}
@@ -168,6 +227,7 @@ def main(quick: bool = False, device: str | None = None, vllm: bool | str = Fals
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
         "results": results,
+        "decode_step_ms": decode_step_ms,
     }
 
 

@@ -86,6 +86,9 @@ def test_sampler_quick():
     assert set(result["results"]) == {"bf16_batch1", "bf16_batch8"}
     for row in result["results"].values():
         assert row["hf_sampler_tok_s"] > 0 and row["generate_tok_s"] > 0
+    assert set(result["decode_step_ms"]) == {"128", "1024"}
+    for row in result["decode_step_ms"].values():
+        assert row["lean_ms"] > 0 and row["own_forward_ms"] > 0
 
 
 @pytest.mark.slow

@@ -57,18 +57,24 @@ class KVBuffers:
         return self.keys.shape[3]
 
     @classmethod
-    def zeros(cls, like: torch.Tensor, batch: int, width: int) -> KVBuffers:
-        """Buffers shaped like ``like`` (any KV buffer) for ``batch`` rows, ``width`` filled."""
-        layers, _, heads, _, dim = like.shape
+    def zeros(cls, layer: torch.Tensor, layers: int, batch: int, width: int) -> KVBuffers:
+        """Zeroed buffers for ``layers`` layers of ``batch`` rows, ``width`` columns counted as
+        filled, heads, dtype and device as in ``layer`` (one layer's keys, ``[B, H, W, D]``);
+        room for half the width more (at least ``_HEADROOM``)."""
+        _, heads, _, dim = layer.shape
         shape = (layers, batch, heads, width + max(_HEADROOM, width // 2), dim)
-        keys = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        keys = torch.zeros(shape, dtype=layer.dtype, device=layer.device)
         return cls(keys, torch.zeros_like(keys), width)
+
+    def like(self, batch: int, width: int) -> KVBuffers:
+        """Zeroed buffers with this one's layers, heads, dtype and device."""
+        return KVBuffers.zeros(self.keys[0], self.keys.shape[0], batch, width)
 
     def reserve(self, columns: int) -> None:
         """Room for ``columns`` more, growing by half the width (at least ``_HEADROOM``)."""
         if self.width + columns <= self.capacity:
             return
-        grown = KVBuffers.zeros(self.keys, self.keys.shape[1], self.width + columns - 1)
+        grown = self.like(self.keys.shape[1], self.width + columns - 1)
         grown.keys[:, :, :, : self.width] = self.keys[:, :, :, : self.width]
         grown.values[:, :, :, : self.width] = self.values[:, :, :, : self.width]
         self.keys, self.values = grown.keys, grown.values
@@ -172,8 +178,7 @@ class LlamaDecoder:
     ) -> tuple[torch.Tensor, KVBuffers]:
         logits, cache = self._prefill.prefill(ids, mask, positions, keep)
         first = cache.layers[0].keys  # [G, kv_heads, W, head_dim]
-        like = first.new_empty((len(self.layers), *first.shape))
-        buffers = KVBuffers.zeros(like, ids.shape[0], ids.shape[1])
+        buffers = KVBuffers.zeros(first, len(self.layers), ids.shape[0], ids.shape[1])
         for index, layer in enumerate(cache.layers):
             buffers.keys[index, :, :, : buffers.width] = layer.keys
             buffers.values[index, :, :, : buffers.width] = layer.values
@@ -228,7 +233,7 @@ class LlamaDecoder:
 
     def merge(self, caches: list[KVBuffers], widths: list[int]) -> KVBuffers:
         width = max(widths)
-        merged = KVBuffers.zeros(caches[0].keys, sum(c.keys.shape[1] for c in caches), width)
+        merged = caches[0].like(sum(c.keys.shape[1] for c in caches), width)
         row = 0
         for cache, w in zip(caches, widths, strict=True):
             if cache.width != w:
