@@ -133,7 +133,6 @@ class LlamaDecoder:
 
     def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
-        self.model = model
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
