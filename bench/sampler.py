@@ -104,21 +104,15 @@ def _decode_step_ms(model, widths: list[int], steps: int, repeats: int) -> dict:
     """Median ms per decoding step at batch 4 with ``width`` columns cached, per decoder."""
     from transformers import DynamicCache
 
-    config, batch = model.config, 4
-    head_dim = config.hidden_size // config.num_attention_heads
-    layers = config.num_hidden_layers
     dtype = next(model.parameters()).dtype
     lean, own = LlamaDecoder(model), HFDecoder(model)
     out: dict[str, dict[str, float]] = {}
     for width in widths:
-        shape = (batch, config.num_key_value_heads, width, head_dim)
-        kv = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))] * layers
+        shape = (4, lean.kv_heads, width, lean.head_dim)
+        kv = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))] * len(lean.layers)
         runs = []
         for _ in range(repeats):  # interleaved
-            buffers = KVBuffers.zeros(kv[0][0], layers, batch, width)
-            for index, (k, v) in enumerate(kv):
-                buffers.keys[index, :, :, :width] = k
-                buffers.values[index, :, :, :width] = v
+            buffers = KVBuffers.from_cache(DynamicCache(kv))
             runs.append(
                 (
                     _time_steps(lean, buffers, width, steps),

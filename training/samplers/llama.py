@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from training.samplers.decoders import HFDecoder
 
@@ -65,6 +66,16 @@ class KVBuffers:
         shape = (layers, batch, heads, width + max(_HEADROOM, width // 2), dim)
         keys = torch.zeros(shape, dtype=layer.dtype, device=layer.device)
         return cls(keys, torch.zeros_like(keys), width)
+
+    @classmethod
+    def from_cache(cls, cache: DynamicCache) -> KVBuffers:
+        """Buffers holding a transformers cache's keys and values (every column filled)."""
+        first = cache.layers[0].keys  # [B, kv_heads, W, head_dim]
+        buffers = cls.zeros(first, len(cache.layers), first.shape[0], first.shape[2])
+        for index, layer in enumerate(cache.layers):
+            buffers.keys[index, :, :, : buffers.width] = layer.keys
+            buffers.values[index, :, :, : buffers.width] = layer.values
+        return buffers
 
     def like(self, batch: int, width: int) -> KVBuffers:
         """Zeroed buffers with this one's layers, heads, dtype and device."""
@@ -176,12 +187,7 @@ class LlamaDecoder:
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int
     ) -> tuple[torch.Tensor, KVBuffers]:
         logits, cache = self._prefill.prefill(ids, mask, positions, keep)
-        first = cache.layers[0].keys  # [G, kv_heads, W, head_dim]
-        buffers = KVBuffers.zeros(first, len(self.layers), ids.shape[0], ids.shape[1])
-        for index, layer in enumerate(cache.layers):
-            buffers.keys[index, :, :, : buffers.width] = layer.keys
-            buffers.values[index, :, :, : buffers.width] = layer.values
-        return logits, buffers
+        return logits, KVBuffers.from_cache(cache)
 
     def step(
         self,
