@@ -3,12 +3,15 @@
 The model's mistakes (an unknown tool, bad arguments, a tool that raises or hangs, an enormous
 output) come back as a tool-role message it can read, plus a ``tool_error/<kind>`` metric.
 Only ``EnvironmentFailure`` escapes: a broken sandbox is not the model's fault, and the episode
-must be dropped rather than trained on.
+must be dropped rather than trained on. So does a real cancellation of the episode (its task
+was cancelled, or Ctrl-C), unlike a ``SystemExit`` or ``CancelledError`` the tool raised itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import Mapping
 
 import anyio
@@ -53,7 +56,11 @@ async def execute_tool_call(
             raise
         except ToolCallError as exc:
             return error_result(call, exc.kind, _truncate(exc.detail, limit)[0])
-        except Exception as exc:
+        except (Exception, SystemExit, asyncio.CancelledError) as exc:
+            # argparse in a tool exits; a client library may raise CancelledError of its own.
+            # Those are the tool's failures. A cancellation of this task is not: let it go.
+            if isinstance(exc, asyncio.CancelledError) and _cancellation_requested():
+                raise
             failure = _environment_failure_in(exc)
             if failure is not None:
                 raise failure from exc
@@ -61,8 +68,14 @@ async def execute_tool_call(
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return error_result(call, ToolErrorKind.TOOL_EXCEPTION, _truncate(detail, limit)[0])
     if scope.cancelled_caught:
+        # A sync tool's thread cannot be stopped: it is abandoned and may still finish.
+        outcome = (
+            "was stopped"
+            if getattr(tool, "is_async", True)
+            else "could not be stopped, so it may still finish in the background"
+        )
         return error_result(
-            call, ToolErrorKind.TIMEOUT, f"timed out after {timeout:g} seconds and was stopped"
+            call, ToolErrorKind.TIMEOUT, f"timed out after {timeout:g} seconds and {outcome}"
         )
     if not isinstance(result, ToolResult):
         return error_result(
@@ -94,9 +107,10 @@ def error_result(call: ToolCall, kind: ToolErrorKind, detail: str) -> ToolResult
 
 def addressed(result: ToolResult, call: ToolCall) -> ToolResult:
     """Make every tool-role message of ``result`` name ``call`` (id and tool name), and make
-    sure the call is answered by at least one message."""
-    if not result.messages:
-        result.messages = [tool_message(call, "")]
+    sure the call is answered by a tool-role message (an empty one goes first if there is
+    none: chat templates and OpenAI-style histories pair every call with a tool message)."""
+    if not any(message.role == "tool" for message in result.messages):
+        result.messages = [tool_message(call, ""), *result.messages]
     result.messages = [
         message.model_copy(
             update={
@@ -144,6 +158,18 @@ def _capped(result: ToolResult, limit: int | None) -> ToolResult:
 def _own_limit[T](tool: Tool, attribute: str, default: T) -> T:
     own = getattr(tool, attribute, None)
     return default if own is None else own
+
+
+def _cancellation_requested() -> bool:
+    """Whether the running task is being cancelled (an anyio cancel scope around it, or
+    ``Task.cancel()``, which is also how ``asyncio.run`` passes on Ctrl-C)."""
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not on asyncio
+        return False
+    return task is not None and task.cancelling() > 0
 
 
 def _environment_failure_in(exc: BaseException) -> EnvironmentFailure | None:

@@ -1,20 +1,26 @@
 """A function's signature and docstring -> a clean JSON schema, and argument validation.
 
 Pydantic does the real work: the parameters become a ``create_model`` model, whose JSON schema
-is then cleaned of pydantic's noise (auto titles, ``$defs`` that can be inlined, ``anyOf``
-with ``null`` for optionals) so that the model sees a short, standard OpenAI function spec.
-Validation errors become one-line sentences a small model can act on.
+is then cleaned of pydantic's noise (auto titles, ``$defs`` that can be inlined) and written the
+way ``transformers.get_json_schema`` writes it, the convention chat templates were made for:
+``Optional[X]`` is X's schema with ``nullable: true``, a union of simple types is a ``type``
+list, a ``Literal`` (even of one value) is ``type`` + ``enum``. Validation errors become
+one-line sentences a small model can act on.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import json
 import re
+import textwrap
+import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Union
 
 import docstring_parser
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
@@ -25,6 +31,8 @@ from tool_use.errors import ToolCallError, ToolDefinitionError
 from tool_use.types import ToolErrorKind, ToolSpec
 
 _SHOULD = re.compile(r"^\w+ should ")
+_VALIDATOR_PREFIX = re.compile(r"^(Value error|Assertion failed), ")
+"""What pydantic puts before the message of a ``ValueError``/``assert`` in a validator."""
 
 MAX_REPORTED_ERRORS = 3
 """A bad call with many problems reports the first few; a small model fixes them in order."""
@@ -42,10 +50,18 @@ class FunctionSchema:
     """The pydantic model that validates the arguments (fields aliased to parameter names)."""
     positional_only: tuple[str, ...] = ()
     """Parameters that must be passed positionally, in this order."""
+    strict: bool = False
+    """Validate in pydantic's strict mode, nested models included."""
+    forbid_nested_extra: bool = True
+    """Refuse unknown keys in nested models too (False when one of them allows or ignores
+    them in its own config: pydantic's validation-time setting would override that)."""
 
     @property
     def spec(self) -> ToolSpec:
-        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+        """The OpenAI function spec: a fresh copy, so a caller cannot change the tool."""
+        return copy.deepcopy(
+            {"name": self.name, "description": self.description, "parameters": self.parameters}
+        )
 
     def validate(self, arguments: str) -> tuple[list[Any], dict[str, Any]]:
         """Parse and validate raw JSON ``arguments`` into ``(args, kwargs)`` for the function.
@@ -68,10 +84,14 @@ class FunctionSchema:
                 f"arguments must be a JSON object, got {_json_type(value)}",
             )
         try:
-            validated = self.model.model_validate_json(text)
+            validated = self.model.model_validate_json(
+                text,
+                strict=self.strict or None,
+                extra="forbid" if self.forbid_nested_extra else None,
+            )
         except ValidationError as exc:
             raise ToolCallError(
-                ToolErrorKind.INVALID_ARGUMENTS, self._describe_errors(exc)
+                ToolErrorKind.INVALID_ARGUMENTS, self._describe_errors(exc, value)
             ) from None
         values = {
             info.alias: getattr(validated, field) for field, info in self.model.model_fields.items()
@@ -79,10 +99,24 @@ class FunctionSchema:
         args = [values.pop(name) for name in self.positional_only]
         return args, values
 
-    def _describe_errors(self, exc: ValidationError) -> str:
+    def _describe_errors(self, exc: ValidationError, arguments: dict[str, Any]) -> str:
+        errors = exc.errors(include_url=False)
+        # A value that fits no member of a union fails once per member, at locations tagged
+        # with the member (``key.int``, ``key.str``): say it once, naming the whole union.
+        unions: dict[tuple[int | str, ...], int] = {}
+        for error in errors:
+            loc, _ = _resolve_location(self.parameters, error["loc"])
+            if len(loc) < len(error["loc"]) and error["type"] != "extra_forbidden":
+                unions[loc] = unions.get(loc, 0) + 1
         sentences: list[str] = []
-        for error in exc.errors(include_url=False):
-            sentence = self._describe_error(error)
+        for error in errors:
+            loc, schema = _resolve_location(self.parameters, error["loc"])
+            if unions.get(loc, 0) > 1 and len(loc) < len(error["loc"]):
+                where = f'argument "{_format_loc(loc)}"' if loc else "arguments"
+                got = _preview(_value_at(arguments, loc))
+                sentence = f"{where} must be {describe_type(schema)}, got {got}"
+            else:
+                sentence = self._describe_error(error)
             if sentence not in sentences:
                 sentences.append(sentence)
         shown = sentences[:MAX_REPORTED_ERRORS]
@@ -107,8 +141,12 @@ class FunctionSchema:
         # pydantic says "Input should be ...", "List should have ...": make it "must ..."
         message, rewritten = _SHOULD.subn("must ", str(error["msg"]), count=1)
         if not rewritten:
+            message = _VALIDATOR_PREFIX.sub("", message)
             message = "is invalid: " + message[:1].lower() + message[1:]
-        return f"{where} {message}, got {_preview(error.get('input'))}"
+        got = _preview(error.get("input"))
+        if ", got " in message:  # "must be a valid integer, got a number with a fractional part"
+            return f"{where} {message} ({got})"
+        return f"{where} {message}, got {got}"
 
 
 def function_schema(
@@ -127,32 +165,24 @@ def function_schema(
     cannot call: ``*args``, ``**kwargs``, parameters without a type annotation, types with no
     JSON schema.
     """
-    label = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    target = underlying_function(fn)
+    label = function_label(fn)
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
         raise ToolDefinitionError(
             f"tool function {label}: cannot read its signature ({exc})"
         ) from None
-    # a callable object keeps its hints on __call__
-    annotated = fn if inspect.isroutine(fn) else type(fn).__call__
-    try:
-        hints = typing.get_type_hints(annotated, include_extras=True)
-    except Exception as exc:  # NameError for unresolvable forward references, and friends
-        hint = ""
-        if isinstance(exc, NameError):
-            hint = "; types named in string annotations must be module-level names"
-        raise ToolDefinitionError(
-            f"tool function {label}: cannot resolve its type hints "
-            f"({type(exc).__name__}: {exc}){hint}"
-        ) from None
+    hints = _parameter_hints(target, label)
 
-    doc = docstring_parser.parse(inspect.getdoc(fn) or "")
-    param_docs = {p.arg_name: (p.description or "").strip() for p in doc.params}
+    doc = docstring_parser.parse(_docstring(target))
+    param_docs = {p.arg_name: " ".join((p.description or "").split()) for p in doc.params}
 
     params = list(signature.parameters.values())
     if skip_first:
         params = params[1:]
+    if isinstance(fn, functools.partial):  # arguments the partial fixes are not the model's
+        params = [param for param in params if param.name not in fn.keywords]
     fields: dict[str, Any] = {}
     positional_only: list[str] = []
     for index, param in enumerate(params):
@@ -164,6 +194,11 @@ def function_schema(
                 "named arguments, so declare each one explicitly"
             )
         if param.name not in hints:
+            if index == 0 and param.name == "cls":
+                raise ToolDefinitionError(
+                    f"{where}: looks like a classmethod; put @tool on top, above @classmethod "
+                    "(@tool must be the outermost decorator)"
+                )
             raise ToolDefinitionError(
                 f"{where}: needs a type annotation (e.g. `{param.name}: str`) so the model "
                 "knows what to send"
@@ -174,7 +209,7 @@ def function_schema(
         _check_json_schema(annotation, where)
         fields[f"p{index}"] = (annotation, field)
 
-    model_name = "".join(part.title() for part in (name or _function_name(fn)).split("_"))
+    model_name = "".join(part.title() for part in (name or function_name(fn)).split("_"))
     model = create_model(
         f"{model_name}Arguments",
         __config__=ConfigDict(extra="forbid", strict=strict),
@@ -191,12 +226,85 @@ def function_schema(
     if strict:
         parameters["additionalProperties"] = False
     return FunctionSchema(
-        name=name or _function_name(fn),
+        name=name or function_name(fn),
         description=description if description is not None else summary(doc),
         parameters=parameters,
         model=model,
         positional_only=tuple(positional_only),
+        strict=strict,
+        forbid_nested_extra=all(
+            _own_config(cls).get("extra", "forbid") == "forbid"
+            for cls in _classes(model.__pydantic_core_schema__)
+        ),
     )
+
+
+def _classes(core_schema: Any) -> Iterator[type]:
+    """The classes (models, dataclasses, TypedDicts) a pydantic core schema validates into."""
+    if isinstance(core_schema, dict):
+        if isinstance(core_schema.get("cls"), type):
+            yield core_schema["cls"]
+        for value in core_schema.values():
+            yield from _classes(value)
+    elif isinstance(core_schema, list):
+        for value in core_schema:
+            yield from _classes(value)
+
+
+def _own_config(cls: type) -> dict[str, Any]:
+    if issubclass(cls, BaseModel):
+        return dict(cls.model_config)
+    return dict(getattr(cls, "__pydantic_config__", None) or {})
+
+
+def underlying_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The function whose hints, name and docstring describe ``fn`` (a partial's ``func``)."""
+    return fn.func if isinstance(fn, functools.partial) else fn
+
+
+def function_label(fn: Callable[..., Any]) -> str:
+    """How errors name ``fn``: its qualified name."""
+    target = underlying_function(fn)
+    return getattr(target, "__qualname__", None) or type(target).__qualname__
+
+
+def _parameter_hints(fn: Callable[..., Any], label: str) -> dict[str, Any]:
+    """The resolved type hints of ``fn``'s parameters. The return annotation is never read: it
+    plays no part in the schema, and may name a type imported only for type checkers."""
+    # a callable object keeps its hints on __call__
+    annotated = fn if inspect.isroutine(fn) else type(fn).__call__
+    annotations = getattr(annotated, "__annotations__", None) or {}
+    parameters = {key: value for key, value in annotations.items() if key != "return"}
+    unwrapped = inspect.unwrap(annotated)
+    try:
+        return typing.get_type_hints(
+            types.SimpleNamespace(__annotations__=parameters),
+            globalns=getattr(unwrapped, "__globals__", {}),
+            include_extras=True,
+        )
+    except Exception as exc:  # NameError for unresolvable forward references, and friends
+        hint = ""
+        if isinstance(exc, NameError):
+            hint = "; types named in string annotations must be module-level names"
+        raise ToolDefinitionError(
+            f"tool function {label}: cannot resolve its type hints "
+            f"({type(exc).__name__}: {exc}){hint}"
+        ) from None
+
+
+_SECTION = re.compile(r"^(Args|Arguments|Parameters|Params):[ \t]*$")
+
+
+def _docstring(fn: Callable[..., Any]) -> str:
+    """``fn``'s docstring, ready for docstring_parser, including one that has no summary and
+    starts with its ``Args:`` section."""
+    text = inspect.getdoc(fn) or ""
+    header, _, body = text.partition("\n")
+    if _SECTION.match(header) and body[:1] not in ("", " ", "\t"):
+        # `"""Args:` on the quotes' line: cleandoc dedented the entries to the header's level
+        body = textwrap.indent(body, "    ")
+    # a blank first line, which getdoc strips, tells docstring_parser there is no summary
+    return "\n" + (header + "\n" + body if body else header)
 
 
 def summary(doc: docstring_parser.Docstring) -> str:
@@ -207,8 +315,10 @@ def summary(doc: docstring_parser.Docstring) -> str:
     return " ".join(text.split())
 
 
-def _function_name(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__name__", None) or type(fn).__name__
+def function_name(fn: Callable[..., Any]) -> str:
+    """The tool name ``fn`` gets by default."""
+    target = underlying_function(fn)
+    return getattr(target, "__name__", None) or type(target).__name__
 
 
 def _field(hint: Any, param: inspect.Parameter, doc_description: str) -> tuple[Any, FieldInfo]:
@@ -228,7 +338,20 @@ def _field(hint: Any, param: inspect.Parameter, doc_description: str) -> tuple[A
     elif description is not None:
         extra["description"] = description
     default = PydanticUndefined if param.default is param.empty else param.default
+    if default is None and not _accepts_none(annotation):
+        annotation = annotation | None  # `x: int = None` accepts the null it shows
     return annotation, Field(default, **extra)
+
+
+def _accepts_none(annotation: Any) -> bool:
+    if annotation in (None, type(None), Any, object):
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _accepts_none(args[0])
+    if origin in (Union, types.UnionType):
+        return any(_accepts_none(arg) for arg in args)
+    return origin is Literal and None in args
 
 
 def _check_json_schema(annotation: Any, where: str) -> None:
@@ -249,11 +372,13 @@ _SCHEMA_VALUES = ("items", "additionalProperties", "not", "contains")
 
 
 def clean_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """Remove pydantic's noise from a JSON schema.
+    """Remove pydantic's noise from a JSON schema, and write it as chat templates expect.
 
-    Drops auto-generated ``title``s, inlines every ``$defs`` entry that is not recursive
-    (recursive models keep a minimal ``$defs``), and writes ``anyOf: [{type: T}, {type:
-    null}]`` as ``type: [T, "null"]``.
+    Drops auto-generated ``title``s and inlines every ``$defs`` entry that is not recursive
+    (recursive models keep a minimal ``$defs``). Follows ``transformers.get_json_schema``,
+    whose output chat templates were written for (many print ``type`` and ``enum`` of each
+    parameter and nothing else): ``anyOf: [X, {type: null}]`` becomes X with ``nullable:
+    true``, a union of plain types a ``type`` list, and ``const`` a one-value ``enum``.
     """
     defs = schema.get("$defs", {})
     recursive = {name for name in defs if _reaches(defs, name, name, set())}
@@ -276,7 +401,7 @@ def clean_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
         for key in _SCHEMA_VALUES:
             if isinstance(node.get(key), dict):
                 node[key] = clean(node[key])
-        return _type_first(_collapse_nullable(node))
+        return _type_first(_as_enum(_merge_union(node)))
 
     cleaned = clean({k: v for k, v in schema.items() if k != "$defs"})
     if recursive:
@@ -313,19 +438,43 @@ def _refs(node: Any) -> Iterator[str]:
             yield from _refs(value)
 
 
-def _collapse_nullable(node: dict[str, Any]) -> dict[str, Any]:
-    """``anyOf: [{type: T, ...}, {type: null}]`` -> ``type: [T, "null"], ...`` where that
-    means the same (no enum or const on T, no clashing keys)."""
+_JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
+
+
+def _merge_union(node: dict[str, Any]) -> dict[str, Any]:
+    """``anyOf`` as ``get_json_schema`` writes a Union: ``{type: null}`` becomes ``nullable:
+    true``; one remaining member is written in place (the node's own keys, such as its
+    description, win); members that are all ``{type: T}`` become ``type: [T1, T2]``."""
     options = node.get("anyOf")
-    if not isinstance(options, list) or len(options) != 2 or {"type": "null"} not in options:
+    if not isinstance(options, list):
         return node
-    other = options[0] if options[1] == {"type": "null"} else options[1]
-    if not isinstance(other.get("type"), str) or "enum" in other or "const" in other:
+    members = [option for option in options if option != {"type": "null"}]
+    if not members:
         return node
-    merged = {k: v for k, v in node.items() if k != "anyOf"}
-    if set(merged) & set(other):
-        return node
-    return {**other, **merged, "type": [other["type"], "null"]}
+    rest = {key: value for key, value in node.items() if key != "anyOf"}
+    if len(members) == 1:
+        merged = {**members[0], **rest}
+    elif all(m.keys() == {"type"} and isinstance(m["type"], str) for m in members):
+        names = list(dict.fromkeys(member["type"] for member in members))
+        merged = {"type": names[0] if len(names) == 1 else names, **rest}
+    else:
+        merged = {**rest, "anyOf": members}
+    if len(members) < len(options):
+        merged["nullable"] = True
+    return merged
+
+
+def _as_enum(node: dict[str, Any]) -> dict[str, Any]:
+    """``const: v`` (a one-value Literal) -> ``enum: [v]``, and an ``enum`` always has a
+    ``type`` (a list when the values mix JSON types)."""
+    if "const" in node:
+        node = {**{k: v for k, v in node.items() if k != "const"}, "enum": [node["const"]]}
+    values = node.get("enum")
+    if "type" not in node and isinstance(values, list) and values:
+        names = list(dict.fromkeys(_JSON_TYPES.get(type(value)) for value in values))
+        if None not in names:
+            node = {"type": names[0] if len(names) == 1 else names, **node}
+    return node
 
 
 # ---- readable errors ---------------------------------------------------------------------
@@ -336,6 +485,9 @@ def describe_type(schema: dict[str, Any] | None) -> str:
     ``one of "a", "b"``."""
     if not schema:
         return "any value"
+    if schema.get("nullable"):
+        rest = {key: value for key, value in schema.items() if key != "nullable"}
+        return f"{describe_type(rest)} or null"
     if "enum" in schema:
         return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
     if "const" in schema:
@@ -390,6 +542,16 @@ def _child(node: dict[str, Any] | None, part: int | str, defs: dict[str, Any]) -
     if isinstance(prefix, list) and part < len(prefix):
         return prefix[part]
     return None
+
+
+def _value_at(value: Any, loc: Sequence[int | str]) -> Any:
+    """The part of the parsed arguments at ``loc`` (``None`` where there is none)."""
+    for part in loc:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
 
 
 def _format_loc(loc: Sequence[int | str]) -> str:

@@ -7,6 +7,7 @@
 A decorated method is a descriptor: ``sandbox_tools.bash`` is a tool bound to that instance,
 which is how tools get per-episode state (a sandbox, a scratch directory). Sync functions run
 in a worker thread, so a slow tool never stalls the other episodes on the event loop.
+``functools.partial`` objects work too: the arguments they fix are not shown to the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic_core import to_jsonable_python
 
 from tool_use.errors import ToolCallError, ToolDefinitionError
 from tool_use.execution import addressed, error_result, tool_message
-from tool_use.schema import FunctionSchema, function_schema
+from tool_use.schema import FunctionSchema, function_label, function_name, function_schema
 from tool_use.types import Message, ToolCall, ToolResult, ToolSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -55,12 +56,12 @@ class FunctionTool:
         elif _first_parameter(fn) == "self":
             self._binding = "instance"
         functools.update_wrapper(self, fn)
-        label = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        label = function_label(fn)
         if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
             raise ToolDefinitionError(
                 f"tool function {label}: generators are not supported; return the whole result"
             )
-        tool_name = name or getattr(fn, "__name__", type(fn).__name__)
+        tool_name = name or function_name(fn)
         if not _NAME.match(tool_name):
             raise ToolDefinitionError(
                 f"tool function {label}: name {tool_name!r} must be 1-64 letters, digits, "
@@ -111,17 +112,37 @@ class FunctionTool:
             return self._bind(owner if owner is not None else type(instance))
         if self._binding == "none" or instance is None or self._bound_to is not None:
             return self
-        bound = self._bind(instance)
-        # Cache on the instance (a non-data descriptor yields to the instance dict), so
-        # `obj.tool is obj.tool` and the tool keeps its identity for the episode.
-        if self._attribute is not None and hasattr(instance, "__dict__"):
-            instance.__dict__[self._attribute] = bound
+        # Cached on the instance, so `obj.tool is obj.tool` and settings made on the bound
+        # tool last. A copy of the instance (copy.copy, deepcopy) carries the cache with it:
+        # the cached tool counts only when bound to this very instance, else it is rebound
+        # (keeping its settings), so a copy never runs its tool on the original's state.
+        key = f"__tool_{self._attribute}"
+        cache = getattr(instance, "__dict__", None) if self._attribute is not None else None
+        cached = cache.get(key) if cache is not None else None
+        if isinstance(cached, FunctionTool) and cached._bound_to is instance:
+            return cached
+        bound = (cached if isinstance(cached, FunctionTool) else self)._bind(instance)
+        if cache is not None:
+            cache[key] = bound
         return bound
 
     def _bind(self, target: Any) -> FunctionTool:
         bound = copy.copy(self)
         bound._bound_to = target
         return bound
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FunctionTool:
+        """A deep copy shares the function and schema, and copies only what it is bound to."""
+        return self._bind(copy.deepcopy(self._bound_to, memo))
+
+    def check_callable(self) -> None:
+        """Raise ``TypeError`` for a method tool reached through its class (``Notes.write``)
+        rather than an instance: it cannot run. ``AgentToolMessageEnv`` calls this when built."""
+        if self._binding == "instance" and self._bound_to is None:
+            raise TypeError(
+                f"tool {self.name!r} is a method; use it through an instance "
+                f"(e.g. `obj.{self.fn.__name__}`), not through the class"
+            )
 
     # ---- calling ------------------------------------------------------------------------
 
@@ -138,11 +159,7 @@ class FunctionTool:
         propagate; ``execute_tool_call`` (used by the episode loop) turns them into messages
         and applies timeouts and the output cap.
         """
-        if self._binding == "instance" and self._bound_to is None:
-            raise TypeError(
-                f"tool {self.name!r} is a method; use it through an instance "
-                f"(e.g. `obj.{self.fn.__name__}`), not through the class"
-            )
+        self.check_callable()
         try:
             args, kwargs = self.schema.validate(call.arguments)
         except ToolCallError as exc:
@@ -155,6 +172,8 @@ class FunctionTool:
             value = await anyio.to_thread.run_sync(
                 functools.partial(self.fn, *args, **kwargs), abandon_on_cancel=True
             )
+        if inspect.isawaitable(value):  # an async function behind a plain decorator
+            value = await value
         return as_tool_result(value, call)
 
     def __repr__(self) -> str:
@@ -165,9 +184,10 @@ class FunctionTool:
 def as_tool_result(value: Any, call: ToolCall) -> ToolResult:
     """What a tool function returned -> ToolResult.
 
-    ``str`` is the message text; a ``ToolResult`` or ``Message``(s) are used as they are
-    (tool-role messages get the call's id and name); anything else is dumped as JSON
-    (pydantic models, dataclasses, dicts, lists, numbers, ``None`` -> ``null``).
+    ``str`` is the message text, and so are ``bytes`` that are UTF-8 (other bytes raise
+    ``ValueError``: only the tool knows their encoding); a ``ToolResult`` or ``Message``(s)
+    are used as they are (tool-role messages get the call's id and name); anything else is
+    dumped as JSON (pydantic models, dataclasses, dicts, lists, numbers, ``None`` -> ``null``).
     """
     if isinstance(value, ToolResult):
         return addressed(value, call)
@@ -180,6 +200,14 @@ def as_tool_result(value: Any, call: ToolCall) -> ToolResult:
         and all(isinstance(item, Message) for item in value)
     ):
         return addressed(ToolResult(messages=list(value)), call)
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"tool {call.name!r} returned bytes that are not UTF-8 text ({exc.reason} at "
+                f"byte {exc.start}); the tool must decode them itself"
+            ) from None
     if isinstance(value, str):
         return ToolResult(messages=[tool_message(call, value)])
     if isinstance(value, BaseModel):
@@ -188,8 +216,8 @@ def as_tool_result(value: Any, call: ToolCall) -> ToolResult:
         text = json.dumps(to_jsonable_python(value), ensure_ascii=False)
     except Exception as exc:
         raise TypeError(
-            f"tool {call.name!r} returned a {type(value).__name__}, which is not JSON "
-            "serialisable; return a str, a ToolResult, Messages or JSON data"
+            f"tool {call.name!r} returned an object of type {type(value).__name__}, which is "
+            "not JSON serialisable; return a str, a ToolResult, Messages or JSON data"
         ) from exc
     return ToolResult(messages=[tool_message(call, text)])
 

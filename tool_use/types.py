@@ -85,7 +85,8 @@ class ToolErrorKind(StrEnum):
     TOOL_EXCEPTION = "tool_exception"
     """The tool itself raised."""
     TIMEOUT = "timeout"
-    """The tool ran longer than its timeout and was cancelled."""
+    """The tool ran longer than its timeout: cancelled (async) or abandoned (a sync tool's
+    thread cannot be stopped)."""
     OUTPUT_TRUNCATED = "output_truncated"
     """The result was longer than the cap and was cut, with a visible marker."""
 
@@ -164,9 +165,11 @@ class MessageStepResult:
     """Set when the episode is invalid (infrastructure failure); it must not be trained on."""
 
 
-RewardFn = Callable[[Sequence[Message]], Awaitable[float]]
-"""Called once when an episode ends, with the full history. Raise ``EnvironmentFailure`` when
-the reward cannot be computed (the episode is then invalid, never scored 0)."""
+RewardFn = Callable[[Sequence[Message]], Awaitable[float] | float]
+"""Called once when an episode ends, with the full history; async or a plain function (which
+runs on the event loop: keep it quick). Returns a finite real number. Raise
+``EnvironmentFailure`` when the reward cannot be computed (the episode is then invalid, never
+scored 0); anything else raised or returned is a bug (``RewardError``, ``tool_use.rewards``)."""
 
 
 @runtime_checkable

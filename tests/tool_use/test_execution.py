@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import io
+import sys
 import threading
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import anyio
 import pytest
@@ -115,10 +120,93 @@ async def test_timeout_abandons_a_blocked_sync_tool() -> None:
         with anyio.fail_after(5):
             result = await execute_tool_call({"stuck": stuck}, call("stuck"), timeout_s=30)
         assert result.metrics == {"tool_error/timeout": 1.0}  # the tool's own 0.05 s won
-        assert "timed out after 0.05 seconds" in error_text(result)
+        assert error_text(result) == (
+            'Error calling tool "stuck": timed out after 0.05 seconds and could not be stopped, '
+            "so it may still finish in the background."
+        )
     finally:
         release.set()  # let the abandoned worker thread end
     assert finished.wait(timeout=5)
+
+
+@tool
+def cli(argv: list[str]) -> str:
+    """A tool around an argparse CLI: a bad argument makes it exit."""
+    parser = argparse.ArgumentParser(prog="proj")
+    parser.add_argument("--count", type=int, required=True)
+    with contextlib.redirect_stderr(io.StringIO()):
+        return f"count={parser.parse_args(argv).count}"
+
+
+@tool
+async def quits() -> str:
+    sys.exit("bye")
+
+
+@tool
+async def self_cancelling() -> str:
+    """Its client library raises CancelledError on an internal timeout of its own."""
+    raise asyncio.CancelledError()
+
+
+@tool
+def sync_self_cancelling() -> str:
+    raise asyncio.CancelledError()
+
+
+@pytest.mark.parametrize(
+    ("tool_", "arguments", "text"),
+    [
+        (cli, '{"argv": ["--count", "three"]}', "SystemExit: 2"),
+        (quits, "{}", "SystemExit: bye"),
+        (self_cancelling, "{}", "CancelledError"),
+        (sync_self_cancelling, "{}", "CancelledError"),
+    ],
+)
+async def test_system_exit_and_a_tool_s_own_cancelled_error_are_tool_errors(
+    tool_: Any, arguments: str, text: str
+) -> None:
+    result = await execute_tool_call({tool_.name: tool_}, call(tool_.name, arguments))
+    assert error_text(result) == f'Error calling tool "{tool_.name}": {text}.'
+    assert result.metrics == {"tool_error/tool_exception": 1.0}
+
+
+async def test_cancelling_the_episode_still_cancels_it() -> None:
+    """A cancel scope around the call (the trainer dropping a rollout) must not be turned into
+    a tool message: the cancellation reaches the scope that asked for it."""
+    outcome: list[ToolResult] = []
+    with anyio.fail_after(5):
+        with anyio.move_on_after(0.05) as scope:
+            outcome.append(await execute_tool_call(TOOLS, call("hang"), timeout_s=30))
+    assert scope.cancelled_caught
+    assert outcome == []
+
+
+async def test_cancelling_the_task_still_cancels_it() -> None:
+    """``Task.cancel()``, which is also how ``asyncio.run`` passes on Ctrl-C."""
+    started = asyncio.Event()
+
+    @tool
+    async def wait() -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return "never"
+
+    task = asyncio.ensure_future(execute_tool_call({"wait": wait}, call("wait"), timeout_s=30))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+
+
+async def test_keyboard_interrupt_in_a_tool_is_not_caught() -> None:
+    @tool
+    async def interrupted() -> str:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        await execute_tool_call({"interrupted": interrupted}, call("interrupted"))
 
 
 async def test_tool_raising_timeout_error_itself_is_an_exception_not_a_timeout() -> None:
@@ -219,3 +307,9 @@ async def test_hand_written_tool_messages_are_addressed_and_never_empty() -> Non
     ]
     silent = await execute_tool_call({"lookup": HandWritten(ToolResult([]))}, call("lookup"))
     assert silent.messages == [Message(role="tool", content="", tool_call_id="c1", name="lookup")]
+    note = Message(role="user", content="Look again.")
+    aside = await execute_tool_call({"lookup": HandWritten(ToolResult([note]))}, call("lookup"))
+    assert aside.messages == [
+        Message(role="tool", content="", tool_call_id="c1", name="lookup"),
+        note,
+    ]

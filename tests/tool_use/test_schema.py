@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from enum import Enum, IntEnum
 from typing import Annotated, Any, Literal
@@ -10,7 +11,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from tool_use import FunctionTool, ToolDefinitionError, tool
+from tool_use import FunctionTool, ToolCall, ToolDefinitionError, tool
 
 
 class Color(Enum):
@@ -108,8 +109,13 @@ GOLDEN: list[tuple[Any, dict[str, Any]]] = [
             "type": "object",
             "properties": {
                 "count": {"type": "integer", "default": 3},
-                "name": {"type": ["string", "null"], "default": None},
-                "tags": {"type": ["array", "null"], "items": {"type": "string"}, "default": None},
+                "name": {"type": "string", "nullable": True, "default": None},
+                "tags": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "nullable": True,
+                    "default": None,
+                },
             },
         },
     ),
@@ -146,10 +152,7 @@ GOLDEN: list[tuple[Any, dict[str, Any]]] = [
         {
             "type": "object",
             "properties": {
-                "level": {
-                    "anyOf": [{"type": "integer", "enum": [1, 2]}, {"type": "null"}],
-                    "default": None,
-                }
+                "level": {"type": "integer", "enum": [1, 2], "nullable": True, "default": None}
             },
         },
     ),
@@ -188,12 +191,12 @@ GOLDEN: list[tuple[Any, dict[str, Any]]] = [
                         "type": "object",
                         "properties": {
                             "corner": POINT,
-                            "label": {"type": ["string", "null"], "default": None},
+                            "label": {"type": "string", "nullable": True, "default": None},
                         },
                         "required": ["corner"],
                     },
                 },
-                "extra": {**POINT, "type": ["object", "null"], "default": None},
+                "extra": {**POINT, "nullable": True, "default": None},
             },
             "required": ["origin", "boxes"],
         },
@@ -250,10 +253,118 @@ def test_golden_parameters_schema(fn: Any, expected: dict[str, Any]) -> None:
     ],
 )
 def test_cleaned_schema_still_means_the_same(fn: Any, good: dict, bad: dict) -> None:
-    """Inlining $defs and collapsing nullables must not change what the schema accepts."""
-    validator = jsonschema.Draft202012Validator(tool(fn).spec["parameters"])
+    """Inlining $defs and writing unions as templates expect must not change what the schema
+    accepts (``nullable`` read as OpenAPI and transformers mean it)."""
+    validator = jsonschema.Draft202012Validator(_with_null(tool(fn).spec["parameters"]))
     assert validator.is_valid(good)
     assert not validator.is_valid(bad)
+
+
+def _with_null(node: Any) -> Any:
+    """``{..., "nullable": true}`` -> ``{"anyOf": [{...}, {"type": "null"}]}`` (plain JSON
+    Schema has no ``nullable``)."""
+    if isinstance(node, list):
+        return [_with_null(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _with_null(value) for key, value in node.items()}
+    if node.pop("nullable", False):
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+def _template_cases(
+    mode: Literal["fast", "slow"],
+    only: Literal["yes"],
+    limit: int | None,
+    key: int | str,
+    pick: Literal["x", "y"] | None,
+    color: Color | None,
+    size: int | str | None,
+    flag: bool = False,
+) -> None:
+    """Parameters whose schemas chat templates render badly unless written as
+    ``transformers.get_json_schema`` writes them.
+
+    Args:
+        mode: How fast.
+        only: Must be yes.
+        limit: At most this many.
+        key: A key.
+        pick: A choice.
+        color: A color.
+        size: A size.
+        flag: A flag.
+    """
+
+
+def test_schemas_are_written_as_transformers_get_json_schema_writes_them() -> None:
+    """Templates print `type` and `enum` of each parameter (Qwen3-Coder's XML tool format):
+    both must be there, with `type` a string or a list of strings, never lost in `anyOf`."""
+    from transformers.utils import get_json_schema
+
+    ours = tool(_template_cases).spec["parameters"]["properties"]
+    theirs = get_json_schema(_template_cases)["function"]["parameters"]["properties"]
+    for name, expected in theirs.items():
+        assert {key: ours[name][key] for key in expected} == expected, name
+    assert ours["only"] == {"type": "string", "description": "Must be yes.", "enum": ["yes"]}
+    assert ours["limit"] == {
+        "type": "integer",
+        "description": "At most this many.",
+        "nullable": True,
+    }
+    assert ours["size"] == {
+        "type": ["integer", "string"],
+        "description": "A size.",
+        "nullable": True,
+    }
+
+
+def test_unions_of_structured_types_keep_any_of() -> None:
+    @tool
+    def f(target: Point | list[int], maybe: Point | list[int] | None = None) -> None: ...
+
+    props = f.spec["parameters"]["properties"]
+    assert props["target"] == {"anyOf": [POINT, {"type": "array", "items": {"type": "integer"}}]}
+    assert props["maybe"] == {**props["target"], "nullable": True, "default": None}
+
+
+def test_default_none_makes_the_parameter_nullable() -> None:
+    @tool
+    def head(path: str, lines: int = None) -> str:  # type: ignore[assignment]  # noqa: RUF013
+        return path
+
+    assert head.spec["parameters"]["properties"]["lines"] == {
+        "type": "integer",
+        "nullable": True,
+        "default": None,
+    }
+
+
+def test_unresolvable_return_annotation_does_not_matter() -> None:
+    # this module uses `from __future__ import annotations`: the return hint is never evaluated
+    @tool
+    def total(a: int, b: int) -> OnlyForTypeCheckers:  # type: ignore[name-defined]  # noqa: F821
+        """Add two integers."""
+        return a + b
+
+    assert total.spec["parameters"]["required"] == ["a", "b"]
+    assert total(1, 2) == 3
+
+
+def test_spec_is_a_copy_the_caller_may_change() -> None:
+    @tool
+    def f(x: int) -> int:
+        return x
+
+    spec = f.spec
+    spec["parameters"]["properties"]["x"]["type"] = "string"
+    spec["parameters"]["required"].clear()
+    assert f.spec["parameters"] == {
+        "type": "object",
+        "properties": {"x": {"type": "integer"}},
+        "required": ["x"],
+    }
 
 
 def test_spec_is_a_clean_openai_function_spec() -> None:
@@ -298,7 +409,7 @@ def test_google_style_docstring_describes_parameters() -> None:
 
     props = search.spec["parameters"]["properties"]
     assert search.description == "Search the notes for a phrase."
-    assert props["query"]["description"] == "The phrase to look for,\npossibly several words."
+    assert props["query"]["description"] == "The phrase to look for, possibly several words."
     assert props["limit"]["description"] == "How many hits to return."
 
 
@@ -321,6 +432,30 @@ def test_numpy_style_docstring_describes_parameters() -> None:
     assert resize.description == "Resize the image to a new shape."
     assert props["width"]["description"] == "New width in pixels."
     assert props["height"]["description"] == "New height; 0 keeps the aspect ratio."
+
+
+def test_docstring_that_starts_with_its_args_section() -> None:
+    @tool
+    def add(a: int, b: int) -> int:
+        """
+        Args:
+            a: First addend.
+            b: Second addend.
+        """
+        return a + b
+
+    @tool
+    def neg(x: int) -> int:
+        """Args:
+        x: The number.
+        """
+        return -x
+
+    assert add.description == ""
+    assert add.spec["parameters"]["properties"]["a"]["description"] == "First addend."
+    assert add.spec["parameters"]["properties"]["b"]["description"] == "Second addend."
+    assert neg.description == ""
+    assert neg.spec["parameters"]["properties"]["x"]["description"] == "The number."
 
 
 def test_annotated_description_wins_over_docstring() -> None:
@@ -392,6 +527,9 @@ class _Opaque:
     pass
 
 
+def _classmethod_over_tool(cls, x: int) -> None: ...  # type: ignore[no-untyped-def]
+
+
 def _no_json_schema(handle: _Opaque) -> None: ...
 
 
@@ -408,6 +546,11 @@ async def _generator(n: int):  # type: ignore[no-untyped-def]
         (_unresolvable, {}, r"_unresolvable: cannot resolve its type hints \(NameError"),
         (_no_json_schema, {}, r'_no_json_schema, parameter "handle": type .*_Opaque.* no JSON'),
         (_generator, {}, r"_generator: generators are not supported"),
+        (
+            _classmethod_over_tool,
+            {},
+            r'parameter "cls": looks like a classmethod; put @tool on top, above @classmethod',
+        ),
         (primitives, {"name": "has space"}, r"name 'has space' must be 1-64 letters"),
         (primitives, {"timeout_s": 0}, r"timeout_s must be > 0"),
         (primitives, {"max_output_chars": 0}, r"max_output_chars must be >= 1"),
@@ -418,6 +561,49 @@ def test_unsupported_definitions_are_refused_at_decoration(
 ) -> None:
     with pytest.raises(ToolDefinitionError, match=pattern):
         tool(**kwargs)(fn)
+
+
+def test_classmethod_over_tool_says_to_put_tool_on_top() -> None:
+    with pytest.raises(ToolDefinitionError, match=r"put @tool on top, above @classmethod"):
+
+        class Registry:
+            @classmethod  # the wrong order: @tool must be the outermost decorator
+            @tool
+            def kinds(cls) -> list[str]:
+                return []
+
+
+def _search(root: str, pattern: str, limit: int = 10) -> str:
+    """Search a tree.
+
+    Args:
+        root: Where to start.
+        pattern: What to find.
+        limit: At most this many hits.
+    """
+    return f"{root} {pattern} {limit}"
+
+
+@pytest.mark.anyio
+async def test_partial_shows_only_the_arguments_left_to_fill() -> None:
+    search = tool(functools.partial(_search, "/srv", limit=3))
+    assert search.spec == {
+        "name": "_search",
+        "description": "Search a tree.",
+        "parameters": {
+            "type": "object",
+            "properties": {"pattern": {"type": "string", "description": "What to find."}},
+            "required": ["pattern"],
+        },
+    }
+    result = await search.run(ToolCall(id="1", name="_search", arguments='{"pattern": "x"}'))
+    assert result.messages[0].content == "/srv x 3"
+    refused = await search.run(
+        ToolCall(id="2", name="_search", arguments='{"pattern": "x", "limit": 99}')
+    )
+    assert refused.messages[0].content.startswith(
+        'Error calling tool "_search": unexpected argument "limit"'
+    )
 
 
 def test_decorator_keeps_the_function_usable() -> None:

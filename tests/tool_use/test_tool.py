@@ -3,6 +3,8 @@ stateful method tools, and sync tools kept off the event loop."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import threading
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from typing import Annotated, Literal
 
 import anyio
 import pytest
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from tool_use import Message, ToolCall, ToolErrorKind, ToolResult, tool
 
@@ -149,11 +151,125 @@ async def test_size_constraints_and_custom_validators_read_well() -> None:
     arguments = '{"span": {"start": 5, "end": 1}, "names": ["a", "b", "c"], "label": "long"}'
     result = await cut.run(call("cut", arguments))
     assert result.messages[0].content == (
-        'Error calling tool "cut": argument "span" is invalid: value error, end must not be '
-        'before start, got {"start": 5, "end": 1}; argument "names" must have at most 2 items '
+        'Error calling tool "cut": argument "span" is invalid: end must not be before start, '
+        'got {"start": 5, "end": 1}; argument "names" must have at most 2 items '
         'after validation, not 3, got ["a", "b", "c"]; argument "label" must have at most 3 '
         'characters, got "long".'
     )
+
+
+async def test_a_value_that_fits_no_union_member_gets_one_sentence() -> None:
+    @tool
+    def get(key: int | str, n: int = 1) -> None: ...
+
+    result = await get.run(call("get", '{"key": [1], "n": 2.5}'))
+    assert result.messages[0].content == (
+        'Error calling tool "get": argument "key" must be integer or string, got [1]; '
+        'argument "n" must be a valid integer, got a number with a fractional part (2.5).'
+    )
+
+
+def positive(value: int) -> int:
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def even(value: int) -> int:
+    if value % 2:  # what a failed `assert` raises (pytest rewrites asserts in this module)
+        raise AssertionError("must be even")
+    return value
+
+
+async def test_validator_errors_read_without_pydantic_prefixes() -> None:
+    @tool
+    def f(k: Annotated[int, AfterValidator(positive)], e: Annotated[int, AfterValidator(even)]):
+        return k
+
+    result = await f.run(call("f", '{"k": 0, "e": 3}'))
+    assert result.messages[0].content == (
+        'Error calling tool "f": argument "k" is invalid: must be positive, got 0; '
+        'argument "e" is invalid: must be even, got 3.'
+    )
+
+
+class Options(BaseModel):
+    recursive: bool = False
+    max_depth: int = 3
+
+
+class Loose(BaseModel):
+    """Sets its own rule for unknown keys: kept in `model_extra`."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_unknown_keys_in_nested_models_are_refused(strict: bool) -> None:
+    @tool(strict=strict)
+    def search(pattern: str, options: Options = Options(), points: list[Point] = []) -> str:  # noqa: B006, B008
+        return "ran"
+
+    typo = await search.run(call("search", '{"pattern": "x", "options": {"recursve": true}}'))
+    assert typo.messages[0].content == (
+        'Error calling tool "search": argument "options" has an unexpected key "recursve".'
+    )
+    deep = await search.run(call("search", '{"pattern": "x", "points": [{"x": 1, "z": 2}]}'))
+    assert deep.messages[0].content == (
+        'Error calling tool "search": argument "points[0]" has an unexpected key "z".'
+    )
+
+
+async def test_a_model_with_its_own_extra_setting_keeps_it() -> None:
+    received = []
+
+    @tool
+    def greet(person: Loose) -> str:
+        received.append(person)
+        return "hi"
+
+    result = await greet.run(call("greet", '{"person": {"name": "Ada", "title": "Countess"}}'))
+    assert result.messages[0].content == "hi"
+    assert received[0].model_extra == {"title": "Countess"}
+
+
+class Exact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+async def test_a_model_that_forbids_extra_itself_does_not_lift_the_rule_for_others() -> None:
+    @tool
+    def run(who: Exact, options: Options) -> str:
+        return "ran"
+
+    result = await run.run(call("run", '{"who": {"name": "a"}, "options": {"recursve": true}}'))
+    assert result.messages[0].content == (
+        'Error calling tool "run": argument "options" has an unexpected key "recursve".'
+    )
+
+
+async def test_strict_reaches_nested_models() -> None:
+    @tool(strict=True)
+    def place(at: Point) -> str:
+        return "placed"
+
+    result = await place.run(call("place", '{"at": {"x": "1"}}'))
+    assert result.messages[0].content == (
+        'Error calling tool "place": argument "at.x" must be a valid integer, got "1".'
+    )
+    assert (await place.run(call("place", '{"at": {"x": 1}}'))).messages[0].content == "placed"
+
+
+async def test_default_none_accepts_the_null_it_advertises() -> None:
+    @tool
+    def head(path: str, lines: int = None) -> str:  # type: ignore[assignment]  # noqa: RUF013
+        return f"{path} {lines}"
+
+    result = await head.run(call("head", '{"path": "a", "lines": null}'))
+    assert result.messages[0].content == "a None"
+    assert (await head.run(call("head", '{"path": "a", "lines": 2}'))).messages[0].content == "a 2"
 
 
 async def test_long_inputs_are_previewed_not_echoed() -> None:
@@ -271,12 +387,61 @@ async def test_returned_messages_and_results_are_addressed_to_the_call() -> None
     assert submitted.messages[0].name == "submit"
 
 
+async def test_bytes_are_text_when_utf8_and_an_error_naming_the_tool_otherwise() -> None:
+    @tool
+    def utf8() -> bytes:
+        return "line1\ncafé".encode()
+
+    @tool
+    def latin1() -> bytes:
+        return "café".encode("latin-1")
+
+    result = await utf8.run(call("utf8"))
+    assert result.messages == [
+        Message(role="tool", content="line1\ncafé", tool_call_id="call-1", name="utf8")
+    ]
+    with pytest.raises(ValueError, match=r"tool 'latin1' returned bytes that are not UTF-8"):
+        await latin1.run(call("latin1"))
+
+
+async def test_a_call_answered_only_by_other_messages_still_gets_a_tool_message() -> None:
+    @tool
+    def nudge() -> Message:
+        return Message(role="user", content="Please continue.")
+
+    result = await nudge.run(call("nudge", id="c3"))
+    assert result.messages == [
+        Message(role="tool", content="", tool_call_id="c3", name="nudge"),
+        Message(role="user", content="Please continue."),
+    ]
+
+
+async def test_async_function_behind_a_plain_decorator_is_awaited() -> None:
+    def logged(fn):  # type: ignore[no-untyped-def]
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            return fn(*args, **kwargs)  # the coroutine, not its result
+
+        return wrapper
+
+    @tool
+    @logged
+    async def fetch(url: str) -> str:
+        return f"fetched {url}"
+
+    result = await fetch.run(call("fetch", '{"url": "http://x"}'))
+    assert result.messages[0].content == "fetched http://x"
+    assert result.metrics == {}
+
+
 async def test_unserialisable_return_value_raises_a_type_error_naming_the_tool() -> None:
     @tool
     def leak() -> object:
         return threading.Lock()
 
-    with pytest.raises(TypeError, match=r"tool 'leak' returned a lock, which is not JSON"):
+    with pytest.raises(
+        TypeError, match=r"tool 'leak' returned an object of type lock, which is not JSON"
+    ):
         await leak.run(call("leak"))
 
 
@@ -323,6 +488,23 @@ async def test_method_tools_are_bound_to_their_instance() -> None:
     assert first.write is first.write  # bound once per instance, cached
     assert first.write is not second.write
     assert first.read.timeout_s == 5
+
+
+@pytest.mark.parametrize("duplicate", [copy.copy, copy.deepcopy])
+async def test_a_copied_instance_gets_its_own_bound_tool(duplicate) -> None:  # type: ignore[no-untyped-def]
+    template = Notebook()
+    template.read.timeout_s = 7  # a setting made on the bound tool travels with the copy
+    episode = duplicate(template)
+    episode.notes = {}
+    await episode.write.run(call("write", '{"key": "k", "text": "episode"}'))
+    assert episode.notes == {"k": "episode"}
+    assert template.notes == {}
+    assert episode.write is episode.write
+    assert episode.read is not template.read
+    assert episode.read.timeout_s == 7
+    assert (await episode.read.run(call("read_note", '{"key": "k"}'))).messages[0].content == (
+        "episode"
+    )
 
 
 async def test_method_schema_excludes_self_and_keeps_docs() -> None:
