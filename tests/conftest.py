@@ -5,7 +5,8 @@ tests/<package>/conftest.py.
   SmolLM2-135M-Instruct (converted once into the user cache, then reused; loaded once per
   session in fp32 so numerical comparisons are tight).
 - ``tiny_model`` / ``make_tiny_model``: a randomly initialised 2-layer Llama sharing SmolLM2's
-  tokenizer, for fast unit tests of samplers and teachers (~13 MB, builds in milliseconds).
+  tokenizer (``training.models.tiny_random_llama``, what ``model_name=tiny-random`` loads), for
+  fast unit tests of samplers and teachers (~13 MB, builds in milliseconds).
 - ``vllm_server``: a real vLLM server on this CPU serving the embedded model with LoRA enabled,
   started once for every test of the session that asks for it (tests/training, tests/recipes).
 
@@ -22,7 +23,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from sandboxes.testing import require_bwrap, require_docker
 from training import models
@@ -55,39 +55,16 @@ def smollm2(embedded_model_dir):
     return model
 
 
-def make_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer Llama with a large init scale so its next-token distributions are peaked
-    (greedy decoding is then robust to batch-shape rounding differences)."""
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.3,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.eval().requires_grad_(False)
-    return model
-
-
 @pytest.fixture(scope="session")
 def tiny_model(smollm2_tokenizer):
     """Shared across tests: treat as read-only (build your own with ``make_tiny_model``)."""
-    return make_tiny_llama(len(smollm2_tokenizer))
+    return models.tiny_random_llama(len(smollm2_tokenizer))
 
 
 @pytest.fixture(scope="session")
 def make_tiny_model(smollm2_tokenizer):
     """A factory for fresh tiny models (``seed`` picks the random weights)."""
-    return lambda seed=0: make_tiny_llama(len(smollm2_tokenizer), seed=seed)
+    return lambda seed=0: models.tiny_random_llama(len(smollm2_tokenizer), seed=seed)
 
 
 def load_vllm_cpu_script():

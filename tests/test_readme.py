@@ -1,29 +1,25 @@
 """The README's examples are true: the tool example gives the spec it shows, the CLI example's
-keys exist, and the custom environment trains through the real trainer (tiny random models)."""
+keys exist, and the custom environment example runs as written, as a script and through the
+on_policy recipe's command line (tiny random models)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
 
-import anyio
 import torch
 
-from tool_use.renderers import get_renderer
-from training import models
 from training.metrics import read_metrics
-from training.samplers import HFSampler
-from training.teachers import LocalTeacher
-from training.trainer import Trainer, TrainerConfig
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 PYTHON = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
 BASH = re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
 
 
-def run_example(code: str) -> dict:
-    namespace: dict = {"__name__": "readme_example"}
+def run_example(code: str, name: str = "readme_example") -> dict:
+    namespace: dict = {"__name__": name}
     exec(compile(code, "README.md:example", "exec"), namespace)
     return namespace
 
@@ -48,38 +44,48 @@ def test_the_cli_example_uses_only_real_keys():
     assert pairs.keys() <= keys, pairs.keys() - keys
 
 
-class ReadmeDataset:
-    def __init__(self, group_cls) -> None:
-        self.group_cls = group_cls
-
-    def __len__(self) -> int:
-        return 2
-
-    def get_batch(self, index: int):
-        return [self.group_cls(f"What is {index} + 7?", group_size=2)]
-
-
-def test_the_custom_environment_trains(smollm2_tokenizer, make_tiny_model, tmp_path):
+def test_the_custom_environment_runs_as_written(tmp_path, monkeypatch):
+    """Section 3's example, as ``python calculator_env.py``: it trains (tiny random models)."""
     (example,) = [code for code in PYTHON if "class CalculatorGroup" in code]
-    group_cls = run_example(example)["CalculatorGroup"]
-
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    student = models.add_lora(make_tiny_model(seed=1).requires_grad_(True), models.LoraSettings())
-    renderer = get_renderer(None, smollm2_tokenizer)
-    trainer = Trainer(
-        TrainerConfig(max_steps=2, max_tokens=8, eval_every=0, save_every=0, progress=False),
-        model=student,
-        tokenizer=smollm2_tokenizer,
-        renderer=renderer,
-        sampler=HFSampler(student, smollm2_tokenizer, batch_window_s=60.0),
-        teacher=LocalTeacher(make_tiny_model(seed=2), smollm2_tokenizer),
-        teacher_renderer=renderer,
-        dataset=ReadmeDataset(group_cls),
-        log_path=tmp_path,
-    )
-    result = anyio.run(trainer.train)
+    run_example(example, name="__main__")
 
-    assert result.steps == 2
-    steps = [r for r in read_metrics(tmp_path) if "teacher_kl" in r]
-    assert len(steps) == 2
-    assert all(r["episodes/valid"] == 2 and r["tokens/student"] > 0 for r in steps)
+    records = read_metrics(tmp_path / "runs" / "calculator")
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert record["episodes/valid"] == 8 and record["tokens/student"] > 0
+        assert record["calculator/episodes"] == 8 and "calculator/teacher_kl" in record
+
+
+def test_the_custom_environment_trains_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """Section 3's command, with its smoke-test models: the recipe imports the example's
+    ``make_datasets`` by its ``module:attr`` name."""
+    from recipes.common import cli
+    from recipes.distillation import on_policy
+
+    (example,) = [code for code in PYTHON if "class CalculatorGroup" in code]
+    (command,) = [block for block in BASH if "dataset_builder=" in block]
+    words = shlex.split(command.replace("\\\n", " "))
+    assert "recipes.distillation.on_policy" in words
+    pairs = dict(word.split("=", 1) for word in words if "=" in word)
+    assert pairs["dataset_builder"] == "calculator_env:make_datasets"
+    assert pairs.keys() <= set(on_policy.Config.model_fields), pairs.keys()
+
+    (tmp_path / "calculator_env.py").write_text(example)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    log = tmp_path / "run"
+    smoke = {  # the smoke test the README names, short
+        "model_name": "tiny-random",
+        "teacher_model": "tiny-random:1",
+        "max_steps": 1,
+        "max_tokens": 16,
+        "progress": "false",
+        "log_path": log,
+    }
+    argv = [f"{k}={v}" for k, v in {**pairs, **smoke}.items()]
+    assert cli(on_policy.main, on_policy.Config, argv) == 0, capsys.readouterr().err
+    (record,) = read_metrics(log)
+    assert record["calculator/episodes"] == 8 and record["episodes/valid"] == 8
+    config = json.loads((log / "config.json").read_text())
+    assert config["dataset_builder"] == "calculator_env:make_datasets"  # resume repeats it

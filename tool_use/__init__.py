@@ -11,6 +11,7 @@ async def add(a: int, b: int) -> int:
 from tool_use.agent_env import AgentToolMessageEnv, ParseErrorPolicy, zero_reward
 from tool_use.errors import (
     EnvironmentFailure,
+    RewardError,
     ToolCallError,
     ToolDefinitionError,
     ToolUseError,
@@ -40,6 +41,7 @@ __all__ = [
     "MessageStepResult",
     "ParseErrorPolicy",
     "ParsedResponse",
+    "RewardError",
     "RewardFn",
     "StopReason",
     "Tool",

@@ -23,6 +23,8 @@ from tool_use.execution import (
     execute_tool_call,
     tool_message,
 )
+from tool_use.rewards import call_reward_fn
+from tool_use.tool import FunctionTool
 from tool_use.types import (
     Message,
     MessageStepResult,
@@ -91,6 +93,12 @@ class AgentToolMessageEnv:
             raise ValueError(
                 f"AgentToolMessageEnv: max_parse_retries must be >= 0, got {max_parse_retries}"
             )
+        for t in tools:
+            if isinstance(t, FunctionTool):
+                try:
+                    t.check_callable()
+                except TypeError as exc:
+                    raise TypeError(f"AgentToolMessageEnv: {exc}") from None
         names = Counter(t.name for t in tools)
         duplicates = sorted(name for name, count in names.items() if count > 1)
         if duplicates:
@@ -237,7 +245,9 @@ class AgentToolMessageEnv:
         self.messages.extend(answers)
         self.done = True
         try:
-            reward = float(await self.reward_fn(list(self.messages)))
+            reward = await call_reward_fn(
+                self.reward_fn, list(self.messages), env=type(self).__name__
+            )
         except EnvironmentFailure as failure:
             return self._fail(failure, answers)
         return MessageStepResult(

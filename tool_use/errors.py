@@ -10,7 +10,12 @@ Two different things can go wrong around a tool:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tool_use.types import ToolErrorKind
+
+if TYPE_CHECKING:
+    from tool_use.trajectory import Trajectory
 
 
 class ToolUseError(Exception):
@@ -40,3 +45,16 @@ class EnvironmentFailure(ToolUseError):
     def __init__(self, message: str, kind: str = "environment") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class RewardError(ToolUseError):
+    """A reward function broke its contract: it raised (anything but ``EnvironmentFailure``) or
+    returned something other than a finite real number. That is a bug in the env, not a broken
+    machine, so it stops the run (the trainer first writes the step's episodes, the failing ones
+    marked invalid, to its rollout file). The message names the function, the env and what was
+    expected; a raising function's own exception is the ``__cause__``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.trajectories: list[Trajectory] = []
+        """Every episode of the batch it happened in, when the trainer's rollouts raise it."""

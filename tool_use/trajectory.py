@@ -120,6 +120,8 @@ class Trajectory:
         for turn, raw in zip(self.turns, data["turns"], strict=True):
             raw["message"] = _dump(turn.message) if turn.message else None
             raw["env_messages"] = [_dump(m) for m in turn.env_messages]
+        if not self.valid:  # never graded: no reward, not a 0
+            data["reward"] = None
         return json.dumps(data, ensure_ascii=False)
 
     @classmethod
@@ -134,6 +136,8 @@ class Trajectory:
             for t in data.pop("turns")
         ]
         teacher = data.pop("teacher_messages", None)
+        if data.get("reward") is None:  # an invalid episode's (to_json)
+            data["reward"] = 0.0
         stop = data.pop("stop_reason", None)
         return cls(
             sequences=[TokenSequence(**s) for s in data.pop("sequences")],

@@ -209,7 +209,8 @@ class Observation:
     stop_sequences: list[list[int]] = field(default_factory=list)
     """Token sequences that end the turn (e.g. ``<|im_end|>``); they are kept in the sample."""
     max_tokens: int | None = None
-    """Per-turn sampling budget, already clipped to what the trajectory budget leaves."""
+    """Per-turn sampling budget; None: the trainer's ``max_tokens``. The trainer clips it to what
+    ``max_trajectory_tokens`` leaves of the sequence (``MessageTokenEnv`` does so itself)."""
     tool_choice: ToolChoice = "auto"
     forced_prefix: list[int] = field(default_factory=list)
     """The renderer's tool-call envelope opening: forced before sampling freely with
@@ -234,7 +235,13 @@ class StepResult:
 
 @runtime_checkable
 class TokenEnv(Protocol):
-    """A token-level environment. ``tool_use.token_env.MessageTokenEnv`` adapts any MessageEnv."""
+    """A token-level environment. ``tool_use.token_env.MessageTokenEnv`` adapts any MessageEnv.
+
+    Written by hand, it owns what the adapter does for message envs: rendering, stop sequences,
+    ``tool_choice`` and forced prefixes, parsing, stop reasons and the reward (a finite
+    number). The trainer only fills in ``Observation.max_tokens`` and caps each sequence at
+    ``max_trajectory_tokens``. Optional, like on message envs: ``teacher_messages`` and a
+    ``metadata`` dict."""
 
     async def initial_observation(self) -> Observation: ...
 

@@ -42,3 +42,11 @@ class SamplerServerError(InferenceServerError):
 
 class CheckpointError(TrainingError):
     """A checkpoint cannot be written, found or restored (names the folder and the mismatch)."""
+
+
+class EnvProtocolError(TrainingError, TypeError):
+    """A user's dataset, group builder or env broke the protocols of ``envs.types``:
+    ``get_batch`` or ``make_envs`` returned something else than what they promise, or raised
+    ``IndexError`` for a batch ``len`` promised, ``logging_tags`` gave no list of names. A bug,
+    so the run stops; the message names the class, the method, the batch or group and what was
+    expected, chained from the original exception where there is one."""

@@ -3,7 +3,8 @@
 Every batch of the eval dataset is rolled out with the student (greedy by default, so before
 and after are comparable on a small task set) and summarised by ``success_metrics``:
 ``eval/success_rate`` (fraction of valid episodes with reward 1), ``eval/reward_mean`` and the
-rollout metrics (invalid episodes, stop reasons, turns, tool errors) under ``eval/``.
+rollout metrics (invalid episodes, stop reasons, turns, tool errors) under ``eval/``, and the
+same per logging tag under ``eval/<tag>/``.
 ``pass_at_k`` is the unbiased pass@k estimator for several attempts per task.
 """
 
@@ -12,8 +13,8 @@ from __future__ import annotations
 from envs.types import Dataset
 from tool_use.renderers.base import Renderer
 from tool_use.trajectory import Trajectory
-from training.metrics import success_metrics
-from training.rollouts import Policy, RolloutSettings, do_rollouts
+from training.metrics import tagged_success_metrics
+from training.rollouts import Policy, RolloutSettings, do_rollouts, get_batch
 
 
 async def evaluate(
@@ -26,7 +27,7 @@ async def evaluate(
 ) -> tuple[dict[str, float], list[Trajectory]]:
     """``(metrics, trajectories)`` over every batch of ``dataset``, all run concurrently (the
     sandbox factory bounds how many are created at once; the sampler batches their turns)."""
-    builders = [b for index in range(len(dataset)) for b in dataset.get_batch(index)]
+    builders = [b for index in range(len(dataset)) for b in get_batch(dataset, index)]
     groups = await do_rollouts(
         builders,
         policy,
@@ -35,7 +36,7 @@ async def evaluate(
         progress="eval" if progress else None,
     )
     trajectories: list[Trajectory] = [t for group in groups for t in group.trajectories]
-    return success_metrics(trajectories), trajectories
+    return tagged_success_metrics(trajectories), trajectories
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

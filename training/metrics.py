@@ -8,7 +8,9 @@
 ``rollout_metrics`` turns a batch of trajectories into the numbers every recipe logs: episodes
 (valid and invalid), ``failure/<kind>`` counts, ``stop/<reason>`` fractions, tokens (student /
 env), and per-episode means of what the envs measured (turns, tool calls, ``tool_error/<kind>``,
-parse errors, bash commands, ...). wandb is optional and imported only when asked for.
+parse errors, bash commands, ...). The same numbers per logging tag (``EnvGroupBuilder.
+logging_tags``) go under ``<tag>/``: ``by_tag``, ``tagged``. wandb is optional and imported only
+when asked for.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tool_use.trajectory import Trajectory, write_jsonl
-from training.errors import TrainingError
+from training.errors import EnvProtocolError, TrainingError
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -41,7 +43,11 @@ def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
       prefixes) summed over valid episodes; ``tokens/per_episode``;
     - ``reward/mean`` over valid episodes;
     - every other key an env reported (``turns``, ``tool_calls``, ``tool_error/<kind>``,
-      ``parse_errors``, ``bash/commands``, ...): its mean per valid episode, as ``env/<key>``.
+      ``parse_errors``, ``bash/commands``, ...): its mean per valid episode, as ``env/<key>``,
+      over the episodes of the builders whose envs report it (``metadata["builder"]``): in a
+      mixture, a token env that reports no ``turns`` does not dilute the message envs' mean,
+      while a count an env reports only when it happens (``tool_error/timeout``) is still a
+      rate over all the episodes of that builder.
     """
     total = len(trajectories)
     valid = [t for t in trajectories if t.valid]
@@ -52,6 +58,8 @@ def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     }
     stops: dict[str, float] = defaultdict(float)
     sums: dict[str, float] = defaultdict(float)
+    episodes: dict[Any, int] = defaultdict(int)  # valid episodes per builder
+    reported: dict[str, set[Any]] = defaultdict(set)  # key -> the builders whose envs report it
     for trajectory in trajectories:
         for key, value in trajectory.metrics.items():
             if key.startswith("failure/"):
@@ -59,13 +67,16 @@ def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
         if trajectory.stop_reason is not None:
             stops[f"stop/{trajectory.stop_reason}"] += 1.0
     for trajectory in valid:
+        builder = trajectory.metadata.get("builder")
+        episodes[builder] += 1
         for key, value in trajectory.metrics.items():
             if not key.startswith(("stop/", "failure/")):
                 sums[key] += value
+                reported[key].add(builder)
     for key, count in stops.items():
         out[key] = count / max(total, 1)
     for key, value in sums.items():
-        out[f"env/{key}"] = value / max(len(valid), 1)
+        out[f"env/{key}"] = value / sum(episodes[builder] for builder in reported[key])
     student = sum(t.num_sampled_tokens for t in valid)
     every = sum(len(seq) for t in valid for seq in t.sequences)
     out["tokens/student"] = float(student)
@@ -73,6 +84,34 @@ def rollout_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     out["tokens/per_episode"] = every / max(len(valid), 1)
     out["reward/mean"] = sum(t.reward for t in valid) / max(len(valid), 1)
     return out
+
+
+def by_tag[T](items: Iterable[T], metadata: Callable[[T], Mapping[str, Any]]) -> dict[str, list[T]]:
+    """``items`` (trajectories, scored sequences) under each logging tag their
+    ``metadata["tags"]`` carries (``do_rollouts`` copies each group's tags there), in order."""
+    out: dict[str, list[T]] = {}
+    for item in items:
+        for tag in metadata(item).get("tags", ()):
+            out.setdefault(tag, []).append(item)
+    return out
+
+
+def tagged(metrics: Mapping[str, float], tag: str, prefix: str = "") -> dict[str, float]:
+    """``metrics`` of one tag's episodes as ``<prefix><tag>/<key>``."""
+    return {f"{prefix}{tag}/{key}": value for key, value in metrics.items()}
+
+
+def merge_tagged(totals: dict[str, float], split: Mapping[str, float]) -> dict[str, float]:
+    """``totals`` with the per-tag ``split`` added; a tag whose keys would overwrite a total
+    (a tag named ``reward`` gives ``reward/mean``) is an error naming it."""
+    clash = sorted(split.keys() & totals.keys())
+    if clash:
+        raise EnvProtocolError(
+            f"the per-tag metric {clash[0]!r} has the name of a metric the trainer logs for the "
+            "whole batch; rename that logging tag (EnvGroupBuilder.logging_tags)"
+        )
+    totals.update(split)
+    return totals
 
 
 def success_metrics(trajectories: Sequence[Trajectory], prefix: str = "eval/") -> dict[str, float]:
@@ -89,6 +128,15 @@ def success_metrics(trajectories: Sequence[Trajectory], prefix: str = "eval/") -
         sum(t.reward for t in graded) / len(graded) if graded else math.nan
     )
     return out
+
+
+def tagged_success_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """``success_metrics`` over every episode (``eval/...``) and over each logging tag's
+    (``eval/<tag>/...``)."""
+    split: dict[str, float] = {}
+    for tag, members in by_tag(trajectories, lambda t: t.metadata).items():
+        split.update(success_metrics(members, prefix=f"eval/{tag}/"))
+    return merge_tagged(success_metrics(trajectories), split)
 
 
 def weighted_mean(parts: Iterable[tuple[Mapping[str, float], float]]) -> dict[str, float]:

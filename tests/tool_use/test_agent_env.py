@@ -532,3 +532,9 @@ async def test_optional_attributes_for_the_trainer() -> None:
 def test_bad_configuration_is_refused(kwargs: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         AgentToolMessageEnv(initial_messages=PROMPT, **kwargs)
+
+
+def test_a_method_tool_taken_from_the_class_is_refused_when_the_env_is_built() -> None:
+    with pytest.raises(TypeError, match=r"tool 'recall' is a method; use it through an instance"):
+        AgentToolMessageEnv(initial_messages=PROMPT, tools=[Memory.recall])
+    AgentToolMessageEnv(initial_messages=PROMPT, tools=[Memory().recall])

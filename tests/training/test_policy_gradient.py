@@ -8,7 +8,6 @@ import anyio
 import pytest
 import torch
 
-from tests.conftest import make_tiny_llama
 from tool_use.renderers import get_renderer
 from tool_use.trajectory import Trajectory, read_jsonl
 from tool_use.types import Observation, StepResult, StopReason
@@ -88,7 +87,7 @@ PROMPT = [1, 5, 9, 4]
 
 def test_a_tiny_model_learns_from_the_reward(smollm2_tokenizer, tmp_path):
     torch.manual_seed(0)
-    base = make_tiny_llama(16, seed=4).requires_grad_(True)
+    base = models.tiny_random_llama(16, seed=4).requires_grad_(True)
     with torch.no_grad():
         first = torch.softmax(base(torch.tensor([PROMPT])).logits[0, -1], dim=-1)
     # Rewarded: the likeliest tokens that are not already most of the mass, ~30% of it.
