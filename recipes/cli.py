@@ -388,20 +388,23 @@ def _resolve_imports(
             _resolve_imports(nested, data[name], errors, failed, f"{prefix}{name}.")
 
 
-def _check_file_keys(
-    data: Mapping[str, Any],
+def _drop_unknown_file_keys(
+    data: dict[str, Any],
     keys: dict[str, _Key],
     excluded: Mapping[str, str],
     source: Path,
     prefix: str = "",
 ) -> list[str]:
+    """Remove the keys of a config file's ``data`` that are not keys (also inside groups) and
+    say why each is not; the rest is validated, so every problem is listed at once."""
     errors = []
-    for name, value in data.items():
+    for name, value in list(data.items()):
         dotted = prefix + name
         if dotted not in keys:
             errors.append(f"{source}: {_unknown_key(dotted, keys, excluded)}")
-        elif keys[dotted].is_group and isinstance(value, Mapping):
-            errors.extend(_check_file_keys(value, keys, excluded, source, dotted + "."))
+            del data[name]
+        elif keys[dotted].is_group and isinstance(value, dict):
+            errors.extend(_drop_unknown_file_keys(value, keys, excluded, source, dotted + "."))
     return errors
 
 
@@ -487,9 +490,17 @@ def format_help(config_cls: type[BaseModel], prog: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+"""What pydantic puts before the message of a ValueError or assert raised in a validator."""
+
+
 def _describe_error(error: Mapping[str, Any], raw: Mapping[str, str], keys: dict[str, _Key]) -> str:
+    """One pydantic error as ``key=value: message``: the message alone, without pydantic's
+    prefixes (``Value error, ``), error type, input dump or documentation link."""
     key = ".".join(str(part) for part in error["loc"]) or CONFIG_KEY
     message = error["msg"]
+    for prefix in _PYDANTIC_PREFIXES:
+        message = message.removeprefix(prefix)
     if error["type"] == "missing":
         field = keys.get(key)
         expected = f" ({_type_name(field.field.annotation)})" if field else ""
@@ -532,13 +543,12 @@ def parse_cli[M: BaseModel](config_cls: type[M], argv: Sequence[str] | None = No
             errors.append(f"expected key=value, got {arg!r}")
         elif key == CONFIG_KEY:
             try:
-                loaded = load_config_file(value)
-                file_errors = _check_file_keys(loaded, keys, excluded, Path(value))
-            except ConfigError as error:
-                file_errors = [str(error)]
-            errors.extend(file_errors)
-            file_failed = file_failed or bool(file_errors)
-            data = loaded if not file_errors else data
+                data = load_config_file(value)
+            except ConfigError as error:  # nothing to validate: report the rest and stop
+                errors.append(str(error))
+                file_failed = True
+                continue
+            errors.extend(_drop_unknown_file_keys(data, keys, excluded, Path(value)))
         else:
             assignments.append((key, value))
     failed: set[str] = set()  # keys already reported: their validation errors would repeat
@@ -590,13 +600,33 @@ def _json_fallback(value: Any) -> Any:
     raise TypeError(f"cannot write {value!r} to JSON")
 
 
+INTERRUPTED_EXIT = 130
+"""Exit status after Ctrl-C: 128 + SIGINT, what shells report for a process SIGINT stopped."""
+
+
+def interrupted_message(stop: BaseException) -> str:
+    """The one line Ctrl-C prints: ``interrupted``, then what the code that was running noted
+    on its way out (``add_note`` on the ``KeyboardInterrupt``, or on the cancellation asyncio
+    turned into it: a training run says where it stopped and how to resume)."""
+    notes: list[str] = []
+    error: BaseException | None = stop
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        notes += getattr(error, "__notes__", [])
+        error = error.__context__
+    return " ".join(["interrupted", *notes]) if notes else "interrupted (Ctrl-C)"
+
+
 def run_cli[M: BaseModel](
     main: Callable[[M], Any], config_cls: type[M], argv: Sequence[str] | None = None
 ) -> Any:
     """Parse the command line into ``config_cls`` and call ``main(config)`` (awaited when it is
     async). A ``ConfigError`` — from the command line, or raised by ``main`` for a problem
     only found while building (a missing docker daemon for ``backend=docker``) — prints
-    ``error: ...`` to stderr and exits with status 2, without a traceback."""
+    ``error: ...`` to stderr and exits with status 2, without a traceback. Ctrl-C prints
+    :func:`interrupted_message` and exits with status 130, without a traceback (clean-up in
+    ``finally`` blocks and cancellation handlers has run by then)."""
     try:
         config = parse_cli(config_cls, argv)
         if inspect.iscoroutinefunction(main):
@@ -605,3 +635,6 @@ def run_cli[M: BaseModel](
     except ConfigError as error:
         print(f"error: {error}\n(run with --help to list every key)", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as stop:
+        print(interrupted_message(stop), file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None

@@ -10,7 +10,10 @@ A recipe's ``Config`` derives from ``TrainerConfig`` (the loop's knobs), ``Stude
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,12 +35,22 @@ from pydantic import (
 )
 
 from envs.errors import EnvsError
-from envs.harbor.builders import HarborEnvConfig
-from recipes.cli import ConfigError, RecipeConfig, parse_cli
+from envs.harbor.builders import HarborEnvConfig, SandboxBackend
+from envs.harbor.tasks import HarborTask
+from envs.types import Dataset
+from recipes.cli import (
+    INTERRUPTED_EXIT,
+    ConfigError,
+    RecipeConfig,
+    interrupted_message,
+    object_reference,
+    parse_cli,
+)
 from tool_use.renderers import get_renderer
 from tool_use.renderers.base import Renderer, RendererError
-from training import models
-from training.errors import ModelLoadError, TrainingError
+from training import checkpoints, models
+from training.errors import CheckpointError, ModelLoadError, TrainingError
+from training.metrics import METRICS_FILE, ROLLOUTS_DIR
 from training.off_policy import LmbdaMix, TeacherPolicy, off_policy_objective
 from training.rollouts import Policy
 from training.samplers import HFSampler
@@ -73,6 +86,21 @@ SamplerChoice = Annotated[str, AfterValidator(_check_sampler)]
 """The ``sampler`` key: ``hf``, ``vllm`` or a vLLM server's URL (``make_sampler``)."""
 
 
+def check_model_name(name: str) -> str:
+    """A model name that reads as a local path (it starts with ``/``, ``.`` or ``~``, or has more
+    parts than a Hugging Face ``namespace/name`` id) must exist; ``~`` is expanded."""
+    path = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) or len(name.replace(os.sep, "/").split("/")) > 2:
+        if not path.exists():
+            raise ValueError(f"local folder {name} does not exist")
+        return str(path) if name.startswith("~") else name
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(check_model_name)]
+"""A Hugging Face id, a local folder (which must exist) or the embedded model's name."""
+
+
 def check_served_name(value: str | None, info: ValidationInfo) -> str | None:
     """``sampler_served_name`` (declared after ``sampler``) only goes with a server."""
     sampler = info.data.get("sampler")
@@ -84,7 +112,7 @@ def check_served_name(value: str | None, info: ValidationInfo) -> str | None:
 class StudentKeys(RecipeConfig):
     """The student model."""
 
-    model_name: str = models.EMBEDDED_MODEL
+    model_name: ModelName = models.EMBEDDED_MODEL
     """The student: a Hugging Face id, a local folder, or smollm2-135m-instruct (embedded)."""
     renderer: str | None = None
     """Chat-template renderer of the student and teachers (chatml, qwen2.5, qwen3, llama3,
@@ -93,7 +121,7 @@ class StudentKeys(RecipeConfig):
     """auto (bf16 where the hardware computes it natively, else fp32) | bf16 | fp32 | fp16."""
     lora_rank: int = Field(16, ge=0)
     """LoRA rank; 0: full fine-tuning."""
-    lora_alpha: float | None = None
+    lora_alpha: float | None = Field(None, gt=0)
     """LoRA alpha (default 2 * lora_rank)."""
     sampler: SamplerChoice = "hf"
     """Who samples the student's turns: hf (this process, batched Hugging Face generation) |
@@ -124,8 +152,8 @@ class HarborTaskKeys(RecipeConfig):
     """Task sources: task dirs, dataset folders, registry.json, bundled[:train|:test]. Plain
     bundled trains on the suite's train split and evaluates on its test split."""
     eval_tasks: list[str] = Field(default_factory=list)
-    """Held-out tasks for evaluation (default: the split of tasks, if any)."""
-    backend: str = "local"
+    """Tasks for evaluation, held out from training (default: the split of tasks, if any)."""
+    backend: SandboxBackend = "local"
     """Sandbox backend: local (bubblewrap), docker, harbor:<type>, or module:attr (a factory)."""
     max_turns: int = Field(10, ge=1)
     """Assistant turns per episode."""
@@ -140,10 +168,47 @@ class HarborTaskKeys(RecipeConfig):
     command_timeout_s: float = Field(30.0, gt=0)
     """Timeout of one bash command."""
 
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one task source")
+        return value
+
     def harbor_env_config(self, seed: int, **overrides: Any) -> HarborEnvConfig:
         """These keys as the envs package's config (``overrides`` for recipe-specific ones)."""
         keys = {name: getattr(self, name) for name in HarborTaskKeys.model_fields}
         return HarborEnvConfig(**keys, seed=seed, **overrides)
+
+
+HARBOR_SLACK_S = 600.0
+"""What one Harbor env call may take beyond the task's own limit (sandbox start and the
+grader's setup commands, up to 120 s each, around a build or the verifier)."""
+
+
+def check_env_timeout(
+    env_timeout_s: float | None, tasks: Sequence[HarborTask], command_timeout_s: float
+) -> None:
+    """The trainer's ``env_timeout_s`` must not cut off what Harbor bounds itself: a task's
+    image build (``[environment].build_timeout_sec``, inside ``make_envs``), its verifier
+    (``[verifier].timeout_sec``, inside the last step) or one bash command, each plus
+    ``HARBOR_SLACK_S``; otherwise a ``ConfigError`` names the task and the value to set."""
+    if env_timeout_s is None:
+        return
+    limits = [("command_timeout_s", "", command_timeout_s)]
+    for task in tasks:
+        limits.append(("[verifier].timeout_sec", task.name, task.verifier_timeout_s))
+        build = task.config.environment.build_timeout_sec
+        limits.append(("[environment].build_timeout_sec", task.name, build))
+    what, name, seconds = max(limits, key=lambda limit: limit[2])
+    needed = seconds + HARBOR_SLACK_S
+    if needed > env_timeout_s:
+        owner = f"task {name!r}'s {what}" if name else what
+        raise ConfigError(
+            f"env_timeout_s={env_timeout_s:g} would cut off Harbor's own limits: {owner} is "
+            f"{seconds:g} s, plus up to {HARBOR_SLACK_S:g} s to start a sandbox or grade; set "
+            f"env_timeout_s={needed:g} or more (or null: no limit)"
+        )
 
 
 class TeacherProtocol(StrEnum):
@@ -178,7 +243,7 @@ def check_teacher_server(
 class TeacherKeys(RecipeConfig):
     """One teacher, flat (the common keys of the single-teacher recipes)."""
 
-    teacher_model: str = models.EMBEDDED_MODEL
+    teacher_model: ModelName = models.EMBEDDED_MODEL
     """The teacher (same vocabulary as the student). With teacher_url, its tokenizer is loaded
     from here and the server is asked for teacher_served_name."""
     teacher_checkpoint: str | None = None
@@ -207,7 +272,7 @@ class TeacherKeys(RecipeConfig):
 class TeacherSpec(RecipeConfig):
     """One teacher of a multi-teacher run."""
 
-    model: str = models.EMBEDDED_MODEL
+    model: ModelName = models.EMBEDDED_MODEL
     """The teacher model (same vocabulary as the student)."""
     checkpoint: str | None = None
     """Weights loaded onto it: a LoRA adapter folder, a checkpoint or run folder of ours."""
@@ -447,24 +512,167 @@ def default_log_path(recipe: str, config: Any) -> Path:
     return Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def user_datasets(builder: Any, key: str) -> tuple[Dataset, Dataset | None]:
+    """``builder()`` (an ``envs.types.DatasetBuilder`` given as ``key``), checked: a train
+    ``Dataset`` with batches and an eval ``Dataset`` or None; anything else is a ``ConfigError``
+    naming the key and the builder."""
+    name = f"{key}={_reference(builder)}"
+    if not callable(builder):
+        raise ConfigError(f"{name} is not callable; expected a DatasetBuilder (envs.types)")
+    result = builder()
+    expected = "expected (train Dataset, eval Dataset or None), Datasets as in envs.types"
+    if not isinstance(result, tuple) or len(result) != 2:
+        shown = f"a {type(result).__name__}" if result is not None else "None"
+        raise ConfigError(f"{name} returned {shown}; {expected}")
+    train, evaluation = result
+    for role, value in (("train", train), ("eval", evaluation)):
+        if value is not None and not isinstance(value, Dataset):
+            raise ConfigError(
+                f"{name} returned a {type(value).__name__} as the {role} dataset; {expected} "
+                "(get_batch(index) and __len__)"
+            )
+    if train is None or len(train) == 0:
+        raise ConfigError(f"{name}: the train dataset has no batches; {expected}")
+    return train, evaluation
+
+
+def _reference(obj: Any) -> str:
+    try:
+        return object_reference(obj)
+    except TypeError:
+        return repr(obj)
+
+
 def check_resume(config: Any) -> None:
-    if getattr(config, "resume", False) is True and not config.log_path:
+    """What ``log_path`` and ``resume`` ask for, checked before models load or anything is
+    written; each problem is a ``ConfigError``:
+
+    - ``resume=true`` needs ``log_path``, and a checkpoint in it;
+    - ``resume=PATH`` must be a checkpoint folder, or a run folder with one;
+    - the run folder must be a folder this process can write into or create;
+    - a new run (no ``resume``) must not go into a folder that holds a run already: its
+      metrics, rollouts and checkpoints would mix with the new ones (and a later
+      ``resume=true`` would pick the old run's newest checkpoint)."""
+    resume = getattr(config, "resume", False)
+    if resume is True and not config.log_path:
         raise ConfigError("resume=true continues the run in log_path: set log_path=RUN_FOLDER")
+    if isinstance(resume, Path):
+        try:
+            checkpoints.resolve_checkpoint(resume)
+        except CheckpointError as error:
+            raise ConfigError(f"resume={resume}: {error}") from None
+    if not config.log_path and not isinstance(resume, Path):
+        return  # a new folder, runs/<recipe>-<timestamp>
+    log_path = default_log_path("", config)
+    check_folder("log_path", log_path)
+    if resume is True and checkpoints.latest_checkpoint(log_path) is None:
+        raise ConfigError(
+            f"resume=true: no checkpoint in {checkpoints.checkpoints_dir(log_path)} to continue "
+            "from (a run saves one every save_every steps and at the end); start a new run in a "
+            "new or empty log_path"
+        )
+    if resume is False and (found := run_files(log_path)):
+        raise ConfigError(
+            f"log_path={log_path} already holds a run ({', '.join(found)}); continue it with "
+            "resume=true, or start a new run in a new or empty log_path"
+        )
 
 
-async def run_training(trainer: Trainer) -> TrainResult:
+def run_files(folder: Path) -> list[str]:
+    """What in ``folder`` shows a run was there: its metrics, rollouts, checkpoints."""
+    found = []
+    if (folder / METRICS_FILE).exists():
+        found.append(METRICS_FILE)
+    rollouts = folder / ROLLOUTS_DIR
+    if rollouts.is_dir() and any(rollouts.iterdir()):
+        found.append(f"{ROLLOUTS_DIR}/")
+    if checkpoints.list_checkpoints(folder):
+        found.append(f"{checkpoints.CHECKPOINTS}/")
+    return found
+
+
+def check_folder(key: str, path: Path) -> None:
+    """``path`` is a folder this process can write into, or one it can create (nothing is left
+    created); else a ``ConfigError`` naming ``key``."""
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{key}={path}: is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}={path}: cannot write into it (permission denied)")
+        return
+    missing = [path, *(parent for parent in path.parents if not parent.exists())]
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+    except OSError as error:
+        why = f"{error.strerror}: {error.filename}" if error.filename else str(error)
+        raise ConfigError(f"{key}={path}: cannot be created ({why})") from None
+    finally:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+NO_EVAL_TASKS = "no eval tasks; set eval_tasks=PATH,... to evaluate"
+"""Why a Harbor run does not evaluate (``eval_split``, ``summary``)."""
+
+
+def eval_split(train: Sequence[HarborTask], test: Sequence[HarborTask]) -> str:
+    """The start-up line about a Harbor run's evaluation: none, held-out tasks, or tasks that
+    are also trained on, the same folder or a task of the same name (with a warning naming
+    them: their success is not held-out)."""
+    if not test:
+        return f"eval: none ({NO_EVAL_TASKS})"
+    trained = {task.path.resolve() for task in train} | {task.name for task in train}
+    overlap = [task.name for task in test if {task.path.resolve(), task.name} & trained]
+    if not overlap:
+        return f"eval: {len(test)} held-out tasks"
+    log.warning(
+        "eval_tasks overlap tasks: %d of the %d eval tasks are also trained on (%s); their eval "
+        "success is not held-out",
+        len(overlap),
+        len(test),
+        ", ".join(overlap[:5]) + (", ..." if len(overlap) > 5 else ""),
+    )
+    return f"eval: {len(test)} tasks, {len(overlap)} of them also trained on (not held-out)"
+
+
+def interruption(trainer: Trainer) -> str:
+    """Where an interrupted run stopped, its last checkpoint, and how to go on."""
+    done, total = trainer.step_index, trainer.max_steps
+    where = f"during step {done + 1} of {total}" if done < total else f"after step {done}"
+    latest = trainer.checkpointer.latest()
+    if latest is not None:
+        return (
+            f"{where}; last checkpoint: {latest}; resume with resume=true "
+            f"log_path={trainer.log_path}"
+        )
+    every = trainer.config.save_every
+    saves = f"save_every={every}" if every else "save_every=0: only at the end"
+    return (
+        f"{where}; last checkpoint: none ({saves}), so there is nothing to resume: start again "
+        f"in a new or empty log_path (not {trainer.log_path})"
+    )
+
+
+async def run_training(trainer: Trainer, *, no_eval: str = "no eval dataset") -> TrainResult:
     """Train (the trainer writes the reports at the end), close the teacher (also one made
     during the run, ``teacher_from_warmup``) and the sampler (a vLLM engine's processes, a
-    server's adapter), print the summary."""
+    server's adapter), print the summary (``no_eval``: why there is no evaluation, if none).
+    Cancelled (Ctrl-C), the exception carries a note saying where the run stopped and how to
+    resume, which the command line prints."""
     try:
         result = await trainer.train()
+    except (KeyboardInterrupt, anyio.get_cancelled_exc_class()) as stop:
+        stop.add_note(interruption(trainer))
+        raise
     finally:
         try:
             if trainer.teacher is not None:
                 await trainer.teacher.close()
         finally:
             await close_sampler(trainer.sampler)
-    print(summary(result))
+    print(summary(result, no_eval=no_eval))
     return result
 
 
@@ -475,25 +683,39 @@ async def close_sampler(sampler: Any) -> None:
         await close()
 
 
-def summary(result: TrainResult) -> str:
+def steps(count: int) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{count} step" if count == 1 else f"{count} steps"
+
+
+def summary(result: TrainResult, *, no_eval: str = "no eval dataset") -> str:
     """The closing lines: teacher KL first -> last step, eval success before -> after (and in
-    between), where the checkpoint, export, logs and reports are."""
+    between) with the episodes that could not be graded, where the checkpoint, export, logs
+    and reports are. ``no_eval``: why there was no evaluation, when there was none."""
     h = result.history
 
     def num(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
+        return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
     lines = [
         "",
-        f"Done: {result.steps} steps.",
+        f"Done: {steps(result.steps)}.",
         f"  teacher KL   step {h.get('teacher_kl_first_step', '-')}: "
         f"{num(h.get('teacher_kl_first'))}  ->  step {h.get('teacher_kl_last_step', '-')}: "
         f"{num(h.get('teacher_kl_last'))}",
-        "  eval success on held-out tasks:",
     ]
-    for e in h.get("evals", []):
+    evals = h.get("evals", [])
+    lines.append("  eval success:" if evals else f"  eval:        none ({no_eval})")
+    for e in evals:
+        counts = ""
+        if "episodes/valid" in e:
+            counts = f"   ({e['episodes/valid']:.0f} graded"
+            if e.get("episodes/invalid"):
+                counts += f", {e['episodes/invalid']:.0f} could not be graded"
+            counts += ")"
         calls = f"   ({e['tool_calls']:.2f} tool calls/episode)" if "tool_calls" in e else ""
-        lines.append(f"    after {e['step']:>3} steps: {num(e['success_rate'])}{calls}")
+        after = f"after {e['step']:>3} {'step' if e['step'] == 1 else 'steps'}"
+        lines.append(f"    {after}: {num(e['success_rate'])}{counts}{calls}")
     lines += [
         f"  logs:        {result.log_path} (metrics.jsonl, rollouts/, config.json)",
         f"  checkpoint:  {result.checkpoint}",
@@ -506,14 +728,12 @@ def summary(result: TrainResult) -> str:
 
 
 def quiet_libraries() -> None:
-    """Terminal output for people: no per-file loading bars from transformers, no deprecation
-    noise from peft's use of transformers."""
-    import warnings
-
+    """Terminal output for people: no per-file loading bars from transformers. (peft's use of
+    transformers' deprecated ``is_gradient_checkpointing`` is silenced where we call peft:
+    ``models.peft_quietly``.)"""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -540,4 +760,7 @@ def cli[C: BaseModel](
     except (ConfigError, EnvsError, ModelLoadError, TrainingError, RendererError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # clean-up has run; say where the run stopped
+        print(interrupted_message(stop), file=sys.stderr)
+        return INTERRUPTED_EXIT
     return 0

@@ -16,8 +16,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from recipes.cli import run_cli
-from recipes.distillation.harbor_multi_turn import Config, main, quiet_libraries
+from recipes.common import cli
+from recipes.distillation.harbor_multi_turn import Config, main
 
 HINT_TEMPLATE = "{instruction}\n\nHint: this command solves it: {commands}"
 """The privileged teacher's first user message in the demo."""
@@ -64,5 +64,4 @@ class DemoConfig(Config):
 
 
 if __name__ == "__main__":
-    quiet_libraries()
-    run_cli(main, DemoConfig)
+    raise SystemExit(cli(main, DemoConfig))

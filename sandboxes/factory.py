@@ -33,6 +33,32 @@ def make_factory(backend: str = "local", *, max_concurrent_creates: int = 0, **o
     return BoundedFactory(inner, max_concurrent_creates)
 
 
+def check_backend_name(backend: str) -> str:
+    """``backend`` if ``make_factory`` understands it, else a ``ValueError`` saying what is
+    expected: the Harbor type of ``harbor:<type>`` must be one Harbor knows, and a
+    ``module:attr`` must import. Nothing is constructed or started (configs call this when they
+    are validated; whether a daemon answers is for the recipe to check)."""
+    if backend in ("local", "docker"):
+        return backend
+    if backend.startswith("harbor:"):
+        from sandboxes.harbor import harbor_environment_type
+
+        harbor_environment_type(backend.removeprefix("harbor:"))
+        return backend
+    if ":" in backend:
+        _import_backend(backend)
+        return backend
+    raise ValueError(f"unknown sandbox backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _import_backend(backend: str) -> Any:
+    module_name, _, attr = backend.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"sandbox backend {backend!r}: cannot import it: {exc}") from exc
+
+
 def _backend(backend: str, options: dict[str, Any]) -> SandboxFactory:
     if backend == "local":
         from sandboxes.local import LocalFactory
@@ -47,11 +73,7 @@ def _backend(backend: str, options: dict[str, Any]) -> SandboxFactory:
 
         return HarborFactory(environment=backend.removeprefix("harbor:"), **options)
     if ":" in backend:
-        module_name, _, attr = backend.partition(":")
-        try:
-            target = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"sandbox backend {backend!r}: cannot import it: {exc}") from exc
+        target = _import_backend(backend)
         from sandboxes.harbor import HarborFactory, is_harbor_environment
 
         if is_harbor_environment(target):

@@ -51,6 +51,20 @@ def is_harbor_environment(obj: object) -> bool:
     return isinstance(obj, type) and issubclass(obj, BaseEnvironment)
 
 
+def harbor_environment_type(name: str) -> Any:
+    """Harbor's ``EnvironmentType`` named ``name`` (``daytona``), or a ``ValueError`` listing
+    the types Harbor knows."""
+    from harbor.models.environment_type import EnvironmentType
+
+    try:
+        return EnvironmentType(name)
+    except ValueError:
+        choices = ", ".join(t.value for t in EnvironmentType)
+        raise ValueError(
+            f"unknown Harbor environment type {name!r}; expected one of {choices}"
+        ) from None
+
+
 def harbor_config_from_spec(spec: SandboxSpec) -> EnvironmentConfig:
     """The ``[environment]`` Harbor needs to build ``spec``."""
     return EnvironmentConfig(
@@ -78,6 +92,8 @@ class HarborFactory:
         root: Path | None = None,
         **options: Any,
     ) -> None:
+        if isinstance(environment, str):
+            harbor_environment_type(environment)  # a bad name fails here, not at each create
         self.environment = environment
         self.options = options
         self.root = root or Path(tempfile.gettempdir()) / "apprentice-harbor"
@@ -108,15 +124,7 @@ class HarborFactory:
         )
         kind: EnvironmentType | None = None
         if isinstance(self.environment, str):
-            try:
-                kind = EnvironmentType(self.environment)
-            except ValueError:
-                shutil.rmtree(trial_dir, ignore_errors=True)
-                choices = ", ".join(t.value for t in EnvironmentType)
-                raise ValueError(
-                    f"unknown Harbor environment type {self.environment!r}; "
-                    f"expected one of {choices}"
-                ) from None
+            kind = harbor_environment_type(self.environment)
         try:
             if kind is not None:
                 environment = EnvironmentFactory.create_environment(type=kind, **arguments)

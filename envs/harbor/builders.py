@@ -21,9 +21,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Annotated
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from envs.harbor.bash_tool import (
     DEFAULT_COMMAND_TIMEOUT_S,
@@ -34,7 +35,7 @@ from envs.harbor.grader import HarborGrader
 from envs.harbor.tasks import BUNDLED, HarborTask, bundled_split, load_tasks, split_tasks
 from envs.harbor.teacher_view import DEFAULT_TEMPLATE, TeacherView
 from sandboxes.errors import SandboxBuildError, SandboxError
-from sandboxes.factory import make_factory, spec_from_harbor_config
+from sandboxes.factory import check_backend_name, make_factory, spec_from_harbor_config
 from sandboxes.types import Sandbox, SandboxFactory
 from tool_use.agent_env import AgentToolMessageEnv, ParseErrorPolicy, zero_reward
 from tool_use.errors import EnvironmentFailure
@@ -48,6 +49,11 @@ You are an expert Linux user working in a terminal on a Debian machine. Solve th
 by calling the bash tool: run one command per call, read its output, and continue until the \
 task is done. Use absolute paths. When the task is complete, reply with a short summary and \
 no tool call."""
+
+
+SandboxBackend = Annotated[str, AfterValidator(check_backend_name)]
+"""A ``backend`` value: local, docker, harbor:<type> (a type Harbor knows) or an importable
+module:attr, checked when the config is validated (``sandboxes.factory.check_backend_name``)."""
 
 
 class RewardMode(StrEnum):
@@ -73,7 +79,7 @@ class HarborEnvConfig(BaseModel):
     """Names or globs of ``tasks`` held out for evaluation."""
     test_fraction: float | None = None
     """Hold out this seeded fraction of ``tasks`` for evaluation instead."""
-    backend: str = "local"
+    backend: SandboxBackend = "local"
     """Sandbox backend for ``sandboxes.factory.make_factory``: local, docker, harbor:<type>, ..."""
     group_size: int = Field(4, ge=1)
     groups_per_batch: int = Field(8, ge=1)
@@ -156,7 +162,9 @@ class HarborEnvGroupBuilder:
         return [0.0] * len(trajectories)
 
     def logging_tags(self) -> list[str]:
-        return ["harbor", self.task.name]
+        # Not the task's name: a tag per task would log every metric once per task and step.
+        # The task is in each episode's metadata["task"] (rollout files, per-task analysis).
+        return ["harbor"]
 
     # ---- internals ------------------------------------------------------------------------
 

@@ -148,7 +148,7 @@ class HarborGrader:
             raise GradingError(
                 task.name,
                 f"tests/test.sh timed out after {task.verifier_timeout_s:g} s "
-                "([verifier].timeout_sec)",
+                f"([verifier].timeout_sec){_output_tail(output)}",
                 output,
             )
         return await self._read_rewards(sandbox, output), output
@@ -169,7 +169,8 @@ class HarborGrader:
         if not found:
             raise GradingError(
                 task.name,
-                f"the tests wrote no reward: neither {REWARD_JSON} nor {REWARD_TXT} exists",
+                f"the tests wrote no reward: neither {REWARD_JSON} nor {REWARD_TXT} exists"
+                f"{_output_tail(output)}",
                 output,
             )
         path = REWARD_JSON if REWARD_JSON in found else REWARD_TXT
@@ -404,6 +405,18 @@ def scalar_reward(rewards: Mapping[str, float], task: str = "?", output: str = "
         return float(rewards["reward"])
     values = list(rewards.values())
     return float(sum(values) / len(values))
+
+
+def _output_tail(output: str, lines: int = 5, limit: int = 500) -> str:
+    """The end of test.sh's output for an error message (what it printed before failing, e.g.
+    a syntax error), or nothing when it printed nothing."""
+    kept = [line.rstrip() for line in output.strip().splitlines() if line.strip()][-lines:]
+    text = " | ".join(kept)
+    if not text:
+        return ""
+    if len(text) > limit:
+        text = "..." + text[-limit:]
+    return f"; test.sh output ends with: {text}"
 
 
 def _preview(data: bytes, limit: int = 80) -> str:

@@ -22,24 +22,29 @@ import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from pydantic import field_validator
+
 from envs.errors import EnvsError
 from envs.harbor.builders import HarborDistillationDatasetBuilder, HarborEnvConfig
 from envs.harbor.tasks import HarborTask
-from envs.harbor.teacher_view import solution_commands
-from recipes.cli import ConfigError, dump_config, run_cli
+from envs.harbor.teacher_view import TeacherView, solution_commands
+from recipes.cli import ConfigError, dump_config
 from recipes.common import (
+    NO_EVAL_TASKS,
     HarborTaskKeys,
     MixKeys,
     OffPolicySource,
     StudentKeys,
     TeacherKeys,
+    check_env_timeout,
     check_resume,
+    cli,
     default_log_path,
+    eval_split,
     lmbda_mix,
     load_student,
     load_teacher,
     make_sampler,
-    quiet_libraries,
     run_training,
     single_teacher,
 )
@@ -66,6 +71,13 @@ class Config(TrainerConfig, MixKeys, HarborTaskKeys, TeacherKeys, StudentKeys):
     """The teacher's first user message, with fields {instruction}, {solution} (solve.sh),
     {commands} (solve.sh without shebang, set -e and comments) and {task_name}; None: the
     default template of envs/harbor/teacher_view.py."""
+
+    @field_validator("teacher_template")
+    @classmethod
+    def _known_fields(cls, value: str | None) -> str | None:
+        if value is not None:
+            TeacherView(value)  # a ValueError naming an unknown field
+        return value
 
 
 # ---- the parts ---------------------------------------------------------------------------------
@@ -152,10 +164,12 @@ def build_trainer(config: Config) -> Trainer:
     factory = check_backend(config.backend)
     try:
         builder = HarborDistillationDatasetBuilder(env_config(config), factory)
-        train_tasks, _ = builder.load_split()
+        train_tasks, eval_tasks = builder.load_split()
         dataset, eval_dataset = builder()
     except (EnvsError, ValueError) as error:
         raise ConfigError(f"tasks={','.join(config.tasks)}: {error}") from None
+    check_env_timeout(config.env_timeout_s, [*train_tasks, *eval_tasks], config.command_timeout_s)
+    print(eval_split(train_tasks, eval_tasks))
     try:
         student = load_student(config, config.seed)
         teacher = (  # with teacher_from_warmup, the warm-started student becomes the teacher
@@ -198,9 +212,8 @@ def build_trainer(config: Config) -> Trainer:
 
 async def main(config: Config) -> TrainResult:
     """Build the parts, train, print the closing summary."""
-    return await run_training(build_trainer(config))
+    return await run_training(build_trainer(config), no_eval=NO_EVAL_TASKS)
 
 
 if __name__ == "__main__":
-    quiet_libraries()
-    run_cli(main, Config)
+    raise SystemExit(cli(main, Config))

@@ -37,6 +37,7 @@ from envs.harbor.tasks import HarborTask, load_tasks
 from recipes.cli import ConfigError, RecipeConfig, dump_config
 from recipes.common import (
     Dtype,
+    ModelName,
     SamplerChoice,
     Student,
     check_served_name,
@@ -64,7 +65,7 @@ RECIPE = "harbor_rl_eval"
 class Config(RecipeConfig):
     """Success rate and pass@k of a model or checkpoint on Harbor tasks."""
 
-    model_name: str = models.EMBEDDED_MODEL
+    model_name: ModelName = models.EMBEDDED_MODEL
     """A model id or folder, a LoRA adapter folder, a checkpoint folder or a run folder."""
     base_model: str | None = None
     """The base an adapter or checkpoint sits on (default: the one it names)."""

@@ -25,11 +25,14 @@ from pydantic import Field, field_validator
 from envs.harbor.builders import HarborDatasetBuilder
 from recipes.cli import dump_config
 from recipes.common import (
+    NO_EVAL_TASKS,
     HarborTaskKeys,
     StudentKeys,
+    check_env_timeout,
     check_resume,
     cli,
     default_log_path,
+    eval_split,
     load_student,
     make_sampler,
     run_training,
@@ -83,8 +86,10 @@ def build_trainer(config: Config) -> Trainer:
         config.harbor_env_config(config.seed),
         factory,
     )
-    train_tasks, _ = builder.load_split()
+    train_tasks, eval_tasks = builder.load_split()
     dataset, eval_dataset = builder()
+    check_env_timeout(config.env_timeout_s, [*train_tasks, *eval_tasks], config.command_timeout_s)
+    print(eval_split(train_tasks, eval_tasks))
     student = load_student(config, config.seed)
     demonstrations = (
         ScriptedPolicy(reference_script(train_tasks), student.renderer)
@@ -113,7 +118,7 @@ def build_trainer(config: Config) -> Trainer:
 
 
 async def main(config: Config) -> TrainResult:
-    return await run_training(build_trainer(config))
+    return await run_training(build_trainer(config), no_eval=NO_EVAL_TASKS)
 
 
 if __name__ == "__main__":

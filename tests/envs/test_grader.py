@@ -100,6 +100,21 @@ async def test_verifier_timeout_is_a_grading_error(factory, make_task):
     with pytest.raises(GradingError, match=r"timed out after 1 s") as info:
         await grade(factory, make_task(task_toml=toml, test_sh=script(body)))
     assert "started" in info.value.test_output
+    assert str(info.value).endswith("; test.sh output ends with: started")
+
+
+async def test_a_test_script_that_fails_without_a_reward_is_quoted_in_the_error(factory, make_task):
+    """A broken test.sh writes no reward; what it printed (the last lines) says why."""
+    body = "echo checking\nif then fi (\necho 1 > /logs/verifier/reward.txt"
+    with pytest.raises(GradingError) as info:
+        await grade(factory, make_task(test_sh=script(body)))
+    message = str(info.value)
+    assert message.startswith("grading task 'demo' failed: the tests wrote no reward: neither")
+    assert "; test.sh output ends with: checking | /tests/test.sh: line 3: syntax error" in message
+    quiet = make_task("quiet", test_sh=script("true"))
+    with pytest.raises(GradingError) as info:  # nothing printed: nothing quoted
+        await grade(factory, quiet)
+    assert str(info.value).endswith("reward.txt exists")
 
 
 async def test_binary_fixtures_arrive_byte_for_byte(factory, make_task):

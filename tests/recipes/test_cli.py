@@ -4,6 +4,7 @@ codes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -224,8 +225,10 @@ def test_required_keys_and_model_validators():
         parse_cli(Required, [])
     with pytest.raises(ConfigError, match="group_size='0': Input should be greater than or equal"):
         parse_cli(Required, ["tasks=t", "group_size=0"])
-    with pytest.raises(ConfigError, match="config: Value error, group_size 3 is unlucky"):
+    # the validator's own message, without pydantic's "Value error, " or its internals
+    with pytest.raises(ConfigError) as error:
         parse_cli(Required, ["tasks=t", "group_size=3"])
+    assert str(error.value) == "config: group_size 3 is unlucky"
 
 
 def test_help_lists_every_key_with_type_default_and_description(capsys):
@@ -468,3 +471,51 @@ def test_excluded_keys_must_name_fields():
 
         class Typo(Config):
             excluded_keys: ClassVar[dict[str, str]] = {"lerning_rate": "no optimizer"}
+
+
+def test_a_config_file_lists_every_problem_at_once(tmp_path):
+    """Unknown keys (also in a group) do not hide the file's bad values or the command line's."""
+    base = tmp_path / "base.toml"
+    base.write_text('lerning_rate = 1e-4\nlora_rank = "four"\n[teacher]\ntemprature = 2\n')
+    with pytest.raises(ConfigError) as error:
+        parse_cli(Config, [f"config={base}", "resume=maybe"])
+    assert str(error.value).splitlines() == [
+        f"{base}: unknown key 'lerning_rate'; did you mean 'learning_rate'?",
+        f"{base}: unknown key 'teacher.temprature'; did you mean 'teacher.temperature'?",
+        "lora_rank=four: Input should be a valid integer, unable to parse string as an integer",
+        "resume='maybe': Input should be a valid boolean, unable to interpret input",
+    ]
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(capsys):
+    """What the interrupted code noted on the way out (a training run: where it stopped, how to
+    resume) is the line; the cancellation asyncio turned into KeyboardInterrupt carries it."""
+
+    def interrupted(config: Config) -> None:
+        stop = KeyboardInterrupt()
+        stop.add_note("during step 2 of 3; last checkpoint: none (save_every=10)")
+        raise stop
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(interrupted, Config, [])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == (
+        "interrupted during step 2 of 3; last checkpoint: none (save_every=10)\n"
+    )
+
+    def cancelled_by_ctrl_c(config: Config) -> None:
+        cancelled = asyncio.CancelledError()
+        cancelled.add_note("during step 1 of 1")
+        try:
+            raise cancelled
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt  # noqa: B904 - what asyncio.Runner raises after Ctrl-C
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(cancelled_by_ctrl_c, Config, [])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted during step 1 of 1\n"
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda config: (_ for _ in ()).throw(KeyboardInterrupt), Config, [])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted (Ctrl-C)\n"

@@ -1,18 +1,24 @@
 """The multi-turn Harbor distillation recipe end to end on tiny random models, real bundled
 Harbor tasks in real bubblewrap sandboxes; its reference demonstrations solve the tasks; lmbda
 mixes in seeded off-policy steps (reference solutions or teacher-written turns); every key is in
---help; bad configs and bad task folders exit with status 2 and a message that names the
-problem."""
+--help; bad configs, bad task folders, a run folder that holds a run and resume problems exit
+with status 2 and a message that names the problem, before the models load; the summary counts
+eval episodes that could not be graded; Ctrl-C says where the run stopped and how to resume."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
 import pytest
@@ -24,6 +30,7 @@ from envs.harbor.builders import HarborDatasetBuilder, HarborEnvConfig
 from envs.harbor.tasks import SUITE_DIR, load_tasks
 from envs.harbor.teacher_view import solution_commands
 from recipes.cli import run_cli
+from recipes.common import interruption
 from recipes.distillation.harbor_multi_turn import Config, check_backend, main, reference_script
 from tool_use.renderers import get_renderer
 from tool_use.trajectory import read_jsonl
@@ -111,6 +118,51 @@ def test_end_to_end_on_tiny_models_and_bundled_tasks(tiny_dirs, tmp_path, capsys
     assert "teacher KL" in out and "after   0 steps: " in out and str(tmp_path) in out
 
 
+def test_the_eval_summary_counts_ungradeable_episodes_and_warns_of_trained_tasks(
+    tiny_dirs, tmp_path, capsys, caplog
+):
+    """An eval task that is also trained on is named at start-up (its success is not
+    held-out); an eval episode that could not be graded is counted in the summary and written
+    with reward null, its failure quoting what test.sh printed."""
+    broken = tmp_path / "tasks" / "no-reward"
+    shutil.copytree(SUITE_DIR / "hello-file", broken)
+    (broken / "tests" / "test.sh").write_text("#!/bin/bash\nif then fi (\necho 1 > x\n")
+    trained = str(SUITE_DIR / "hello-file")
+    config = tiny_config(
+        tiny_dirs,
+        tmp_path / "run",
+        tasks=[trained],
+        eval_tasks=[trained, str(broken)],
+        max_steps=1,
+        sft_warmup_steps=0,
+        group_size=1,
+        groups_per_batch=1,
+        max_turns=1,
+        max_tokens=8,
+        eval_before=False,
+        save_every=0,
+        export_merged=False,
+    )
+    with caplog.at_level(logging.WARNING):
+        anyio.run(main, config)
+
+    out = capsys.readouterr().out
+    assert "eval: 2 tasks, 1 of them also trained on (not held-out)" in out
+    assert "eval_tasks overlap tasks" in caplog.text and "(hello-file)" in caplog.text
+    assert "held-out" not in out.split("Done:")[1]
+    assert "\nDone: 1 step.\n" in out
+    assert re.search(r"after   1 step: \d\.\d{3}   \(1 graded, 1 could not be graded\)", out), out
+    lines = (tmp_path / "run" / "rollouts" / "eval_0001.jsonl").read_text().splitlines()
+    episodes = {record["metadata"]["task"]: record for record in map(json.loads, lines)}
+    assert episodes["no-reward"]["reward"] is None
+    assert "syntax error near unexpected token" in episodes["no-reward"]["failure"]
+    assert episodes["hello-file"]["reward"] in (0.0, 1.0)  # graded: a number, even a 0
+    read_back = {
+        t.metadata["task"]: t for t in read_jsonl(tmp_path / "run/rollouts/eval_0001.jsonl")
+    }
+    assert not read_back["no-reward"].valid and read_back["no-reward"].reward == 0.0
+
+
 def test_reference_demonstrations_solve_their_tasks(smollm2_tokenizer):
     """The SFT warmup's demonstrations are real solutions: replayed through the bash tool and
     graded by each task's own tests, they score 1."""
@@ -173,8 +225,13 @@ def test_lmbda_mixes_reference_solution_steps_into_distillation(tiny_dirs, tmp_p
             assert math.isfinite(record["teacher_kl"]) and "loss/nll" not in record
 
 
-def test_lmbda_1_makes_every_step_on_policy(tiny_dirs, tmp_path):
+def test_lmbda_1_makes_every_step_on_policy(tiny_dirs, tmp_path, capsys):
     anyio.run(main, mix_config(tiny_dirs, tmp_path, lmbda=1.0))
+
+    out = capsys.readouterr().out  # no eval tasks: said at the start and in the summary
+    assert out.startswith("eval: none (no eval tasks; set eval_tasks=")
+    assert "\n  eval:        none (no eval tasks; set eval_tasks=" in out
+    assert "\nDone: 3 steps.\n" in out
 
     records = read_metrics(tmp_path)
     assert len(records) == 3
@@ -265,12 +322,73 @@ def test_demo_help_shows_the_measured_defaults():
         (["loss=kl"], "loss='kl'"),
         (["group_size=0"], "group_size='0'"),
         (["resume=true"], "resume=true continues the run in log_path"),
-        (["backend=no_such_module:Factory"], "backend=no_such_module:Factory"),
+        (["backend=no_such_module:Factory"], "backend='no_such_module:Factory': sandbox backend"),
+        (["backend=harbor:nosuch"], "unknown Harbor environment type 'nosuch'; expected one of"),
+        (["tasks="], "tasks='': give at least one task source"),
+        (["teacher_template={nosuch}"], "teacher view template: unknown field {nosuch}"),
+        (["model_name=/nowhere/model"], "model_name='/nowhere/model': local folder /nowhere/model"),
+        (["teacher_model=./no-such-teacher"], "local folder ./no-such-teacher does not exist"),
+        (["lora_alpha=-1"], "lora_alpha='-1': Input should be greater than 0"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(argv, expected, capsys):
     code, err = run(argv, capsys)
     assert code == 2 and expected in err and "Traceback" not in err
+    for internal in ("Value error, ", "[type=", "input_value", "errors.pydantic.dev"):
+        assert internal not in err, err
+
+
+def test_every_command_line_problem_is_listed_at_once(capsys):
+    code, err = run(["lerning_rate=1e-4", "group_size=four", "backend=cloud"], capsys)
+    assert code == 2
+    assert err.splitlines()[:3] == [
+        "error: unknown key 'lerning_rate'; did you mean 'learning_rate'?",
+        "backend='cloud': unknown sandbox backend 'cloud'; expected one of local, docker, "
+        "harbor:<type>, module:attr",
+        "group_size='four': Input should be a valid integer, unable to parse string as an integer",
+    ]
+
+
+# A model that cannot load: a start-up check that names the run folder must come first.
+UNLOADABLE = "model_name=nobody-here/no-such-model"
+
+
+def test_a_new_run_in_a_folder_holding_a_run_is_refused_before_models_load(tmp_path, capsys):
+    old = tmp_path / "old-run"
+    (old / "rollouts").mkdir(parents=True)
+    (old / "metrics.jsonl").write_text('{"step": 1}\n')
+    (old / "rollouts" / "step_0001.jsonl").write_text("")
+    code, err = run([UNLOADABLE, f"log_path={old}"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"log_path={old} already holds a run (metrics.jsonl, rollouts/)" in err
+    assert "resume=true" in err and "new or empty log_path" in err
+    assert (old / "metrics.jsonl").read_text() == '{"step": 1}\n'  # untouched
+    assert sorted(p.name for p in old.iterdir()) == ["metrics.jsonl", "rollouts"]
+
+
+def test_resume_problems_exit_2_before_anything_is_written(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    code, err = run([UNLOADABLE, f"resume={missing}"], capsys)
+    assert code == 2 and f"error: resume={missing}: no checkpoint at {missing}" in err
+    assert not missing.exists()  # no stub folder
+
+    interrupted = tmp_path / "interrupted"  # metrics of step 1, no checkpoint yet
+    interrupted.mkdir()
+    (interrupted / "metrics.jsonl").write_text('{"step": 1}\n')
+    code, err = run([UNLOADABLE, f"log_path={interrupted}", "resume=true"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"resume=true: no checkpoint in {interrupted / 'checkpoints'}" in err
+    assert sorted(p.name for p in interrupted.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_log_path_that_cannot_be_a_folder_exits_2(tmp_path, capsys):
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("")
+    code, err = run([UNLOADABLE, f"log_path={a_file}"], capsys)
+    assert code == 2 and f"log_path={a_file}: is a file, not a folder" in err
+    code, err = run([UNLOADABLE, f"log_path={a_file / 'run'}"], capsys)
+    assert code == 2 and f"log_path={a_file / 'run'}: cannot be created (Not a directory" in err
+    assert "Traceback" not in err and a_file.is_file()
 
 
 def test_bad_task_folders_exit_2_naming_the_path(tmp_path, capsys):
@@ -332,3 +450,84 @@ def test_wandb_without_the_package_exits_2(tiny_dirs, tmp_path, capsys):
     ]
     code, err = run(argv, capsys)
     assert code == 2 and "wandb_project='demo' needs the wandb package" in err
+
+
+def test_env_timeout_must_leave_room_for_harbors_own_limits():
+    from envs.harbor.builders import bundled_split
+    from recipes.cli import ConfigError
+    from recipes.common import HARBOR_SLACK_S, check_env_timeout
+
+    split = bundled_split()
+    tasks = [*split.train, *split.test]
+    check_env_timeout(Config().env_timeout_s, tasks, command_timeout_s=30.0)  # the defaults fit
+    check_env_timeout(None, tasks, command_timeout_s=30.0)
+    slowest = max(tasks, key=lambda t: t.config.environment.build_timeout_sec)
+    needed = slowest.config.environment.build_timeout_sec + HARBOR_SLACK_S
+    with pytest.raises(ConfigError) as caught:
+        check_env_timeout(needed - 1, tasks, command_timeout_s=30.0)
+    assert f"{slowest.name!r}'s [environment].build_timeout_sec" in str(caught.value)
+    assert f"env_timeout_s={needed:g} or more" in str(caught.value)
+    with pytest.raises(ConfigError, match="command_timeout_s is 5000 s"):
+        check_env_timeout(3600.0, tasks, command_timeout_s=5000.0)
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_exits_130(tmp_path):
+    """SIGINT during a step, as from a terminal: no traceback, one line with the step, the last
+    checkpoint (none yet: save_every) and what to do (clean-up: tests/sandboxes/test_cleanup)."""
+    log = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "recipes.distillation.harbor_multi_turn",
+        "model_name=tiny-random",
+        "teacher_model=tiny-random:2",
+        f"tasks={SUITE_DIR / 'hello-file'},{SUITE_DIR / 'count-lines'}",
+        "eval_tasks=",
+        "max_steps=1000",
+        "group_size=2",
+        "groups_per_batch=1",
+        "max_turns=2",
+        "max_tokens=16",
+        "save_every=500",
+        "progress=false",
+        f"log_path={log}",
+    ]
+    child = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as at a terminal, also when pytest runs in the background (SIGINT ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    metrics = log / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()) and child.poll() is None:
+        assert time.monotonic() < deadline, "no step finished in 300 s"
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.fullmatch(
+        r"interrupted during step \d+ of 1000; last checkpoint: none \(save_every=500\), so there "
+        rf"is nothing to resume: start again in a new or empty log_path \(not {re.escape(str(log))}"
+        r"\)\n",
+        err,
+    ), err
+
+
+def test_an_interrupted_run_with_a_checkpoint_says_how_to_resume(tmp_path):
+    checkpoint = tmp_path / "checkpoints" / "step_000004"
+    trainer = SimpleNamespace(
+        step_index=4,
+        max_steps=30,
+        log_path=tmp_path,
+        config=SimpleNamespace(save_every=2),
+        checkpointer=SimpleNamespace(latest=lambda: checkpoint),
+    )
+    assert interruption(trainer) == (
+        f"during step 5 of 30; last checkpoint: {checkpoint}; resume with resume=true "
+        f"log_path={tmp_path}"
+    )

@@ -14,7 +14,7 @@ from harbor.models.trial.config import TaskConfig as TrialTaskConfig
 from harbor.trial.trial import Trial
 
 from sandboxes.errors import SandboxError
-from sandboxes.factory import make_factory, spec_from_harbor_config
+from sandboxes.factory import check_backend_name, make_factory, spec_from_harbor_config
 from sandboxes.harbor import HarborSandbox
 from sandboxes.types import SandboxSpec
 
@@ -82,10 +82,20 @@ async def test_a_harbor_environment_class_as_an_apprentice_sandbox(
         assert (tmp_path / "out.bin").read_bytes() == bytes(range(256))
 
 
-async def test_unknown_harbor_type_lists_the_choices() -> None:
-    factory = make_factory("harbor:nonsense")
+def test_unknown_harbor_type_fails_when_the_factory_is_made_listing_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"unknown Harbor environment type 'nonsense'.*daytona"):
+        make_factory("harbor:nonsense")
     with pytest.raises(ValueError, match="daytona"):
-        await factory.create(SandboxSpec(name="x"))
+        check_backend_name("harbor:nonsense")  # what configs call: nothing is constructed
+
+
+def test_check_backend_name_accepts_what_make_factory_understands() -> None:
+    for backend in ("local", "docker", "harbor:daytona", "sandboxes.harbor:HarborFactory"):
+        assert check_backend_name(backend) == backend
+    with pytest.raises(ValueError, match="local, docker, harbor:<type>, module:attr"):
+        check_backend_name("cloud")
+    with pytest.raises(ValueError, match="cannot import"):
+        check_backend_name("no.such.module:Thing")
 
 
 def test_make_factory_rejects_unknown_backends() -> None:
