@@ -90,7 +90,12 @@ def in_fresh_process(
     os.environ.update(env)
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(fn, args)
+            result = pool.apply(fn, args)
+            # let the worker exit on its own: the pool's __exit__ terminates it, and a killed
+            # worker leaves the semaphores it made to the resource tracker ("leaked")
+            pool.close()
+            pool.join()
+            return result
     finally:
         for key, value in saved.items():
             if value is None:
