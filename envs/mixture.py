@@ -44,7 +44,7 @@ class RoutedGroupBuilder:
 
     async def make_envs(self) -> Sequence[Env]:
         envs = await self.inner.make_envs()
-        if self.route is None or not isinstance(envs, list | tuple):
+        if self.route is None or not isinstance(envs, Sequence) or isinstance(envs, str | bytes):
             return envs  # the trainer checks what make_envs returned
         for env in envs:
             if not isinstance(env, MessageEnv | TokenEnv):

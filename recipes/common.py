@@ -42,6 +42,7 @@ from recipes.cli import (
     INTERRUPTED_EXIT,
     ConfigError,
     RecipeConfig,
+    dump_config,
     interrupted_message,
     object_reference,
     parse_cli,
@@ -189,25 +190,34 @@ grader's setup commands, up to 120 s each, around a build or the verifier)."""
 def check_env_timeout(
     env_timeout_s: float | None, tasks: Sequence[HarborTask], command_timeout_s: float
 ) -> None:
-    """The trainer's ``env_timeout_s`` must not cut off what Harbor bounds itself: a task's
-    image build (``[environment].build_timeout_sec``, inside ``make_envs``), its verifier
-    (``[verifier].timeout_sec``, inside the last step) or one bash command, each plus
-    ``HARBOR_SLACK_S``; otherwise a ``ConfigError`` names the task and the value to set."""
+    """The trainer's ``env_timeout_s`` must not cut off what Harbor bounds itself, plus
+    ``HARBOR_SLACK_S``: a task's image build (``[environment].build_timeout_sec``, inside
+    ``make_envs``) and its last step, whose bash calls are bounded by ``[agent].timeout_sec``
+    (without one, by ``command_timeout_s`` per call) and which then runs the verifier
+    (``[verifier].timeout_sec``). Otherwise a ``ConfigError`` names the task and the value to
+    set. Without an agent timeout a turn of many slow calls can still exceed the check's bound:
+    each call is bounded, their number only by the turn's tokens."""
     if env_timeout_s is None:
         return
-    limits = [("command_timeout_s", "", command_timeout_s)]
+    limits = []
     for task in tasks:
-        limits.append(("[verifier].timeout_sec", task.name, task.verifier_timeout_s))
         build = task.config.environment.build_timeout_sec
         limits.append(("[environment].build_timeout_sec", task.name, build))
+        if task.agent_timeout_s is not None:
+            agent, seconds = "[agent].timeout_sec", task.agent_timeout_s
+        else:
+            agent, seconds = "command_timeout_s", command_timeout_s
+        step = seconds + task.verifier_timeout_s
+        limits.append((f"{agent} + [verifier].timeout_sec", task.name, step))
+    if not limits:
+        return
     what, name, seconds = max(limits, key=lambda limit: limit[2])
     needed = seconds + HARBOR_SLACK_S
     if needed > env_timeout_s:
-        owner = f"task {name!r}'s {what}" if name else what
         raise ConfigError(
-            f"env_timeout_s={env_timeout_s:g} would cut off Harbor's own limits: {owner} is "
-            f"{seconds:g} s, plus up to {HARBOR_SLACK_S:g} s to start a sandbox or grade; set "
-            f"env_timeout_s={needed:g} or more (or null: no limit)"
+            f"env_timeout_s={env_timeout_s:g} would cut off Harbor's own limits: task {name!r}: "
+            f"{what} is {seconds:g} s, plus up to {HARBOR_SLACK_S:g} s to start a sandbox or "
+            f"grade; set env_timeout_s={needed:g} or more (or null: no limit)"
         )
 
 
@@ -510,6 +520,13 @@ def default_log_path(recipe: str, config: Any) -> Path:
     if isinstance(resume, Path):
         return resume.parent.parent if (resume / "state.json").is_file() else resume
     return Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_config(config: BaseModel, log_path: Path) -> dict[str, Any]:
+    """What a run writes to its ``config.json``: the config as ``config=`` reads it back, with
+    the folder it ran in and ``resume`` false, so the file repeats the run (with a new
+    ``log_path``) instead of continuing one."""
+    return {**dump_config(config), "log_path": str(log_path), "resume": False}
 
 
 def user_datasets(builder: Any, key: str) -> tuple[Dataset, Dataset | None]:

@@ -55,8 +55,10 @@ def _import_backend(backend: str) -> Any:
     module_name, _, attr = backend.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"sandbox backend {backend!r}: cannot import it: {exc}") from exc
+    except Exception as exc:  # a missing module or a user module that fails on import
+        raise ValueError(
+            f"sandbox backend {backend!r}: cannot import it: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _backend(backend: str, options: dict[str, Any]) -> SandboxFactory:

@@ -92,15 +92,14 @@ class HarborFactory:
         root: Path | None = None,
         **options: Any,
     ) -> None:
-        if isinstance(environment, str):
-            harbor_environment_type(environment)  # a bad name fails here, not at each create
+        # A bad name fails here, once, not at each create.
+        self.kind = harbor_environment_type(environment) if isinstance(environment, str) else None
         self.environment = environment
         self.options = options
         self.root = root or Path(tempfile.gettempdir()) / "apprentice-harbor"
 
     async def create(self, spec: SandboxSpec) -> HarborSandbox:
         from harbor.environments.factory import EnvironmentFactory
-        from harbor.models.environment_type import EnvironmentType
 
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.name)[:40] or "sandbox"
         session = f"{slug}__{secrets.token_hex(4)}"
@@ -122,13 +121,11 @@ class HarborFactory:
             persistent_env=dict(spec.env),
             **self.options,
         )
-        kind: EnvironmentType | None = None
-        if isinstance(self.environment, str):
-            kind = harbor_environment_type(self.environment)
         try:
-            if kind is not None:
-                environment = EnvironmentFactory.create_environment(type=kind, **arguments)
+            if self.kind is not None:
+                environment = EnvironmentFactory.create_environment(type=self.kind, **arguments)
             else:
+                assert not isinstance(self.environment, str)
                 environment = self.environment(**arguments)
         except Exception as exc:
             shutil.rmtree(trial_dir, ignore_errors=True)

@@ -28,8 +28,11 @@ def describe(value: Any) -> str:
     """A short description of a value that broke a contract: ``None``, ``a str ('x')``, ..."""
     if value is None:
         return "None"
-    if isinstance(value, float):
-        return repr(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return repr(float(value))  # nan, inf, also numpy's
+        except OverflowError:
+            return "a number beyond a float's range"
     if isinstance(value, str):
         shown = value if len(value) <= 40 else value[:37] + "..."
         return f"a str ({shown!r})"
@@ -43,17 +46,20 @@ def callable_name(fn: Any) -> str:
 
 def as_reward(value: Any) -> float | None:
     """``value`` as a float when it is a finite real number, else None."""
-    if isinstance(value, numbers.Real) and math.isfinite(reward := float(value)):
-        return reward
-    return None
+    if not isinstance(value, numbers.Real):
+        return None
+    try:
+        reward = float(value)
+    except (OverflowError, ValueError):  # an int beyond float's range
+        return None
+    return reward if math.isfinite(reward) else None
 
 
 def check_reward(value: Any, source: str) -> float:
     """``value`` as a float, or a ``RewardError`` saying that ``source`` returned it."""
     reward = as_reward(value)
     if reward is None:
-        shown = float(value) if isinstance(value, numbers.Real) else value
-        raise RewardError(f"{source} returned {describe(shown)}; {EXPECTED}")
+        raise RewardError(f"{source} returned {describe(value)}; {EXPECTED}")
     return reward
 
 

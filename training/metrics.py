@@ -27,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tool_use.trajectory import Trajectory, write_jsonl
-from training.errors import EnvProtocolError, TrainingError
+from training.errors import TrainingError
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -101,19 +101,6 @@ def tagged(metrics: Mapping[str, float], tag: str, prefix: str = "") -> dict[str
     return {f"{prefix}{tag}/{key}": value for key, value in metrics.items()}
 
 
-def merge_tagged(totals: dict[str, float], split: Mapping[str, float]) -> dict[str, float]:
-    """``totals`` with the per-tag ``split`` added; a tag whose keys would overwrite a total
-    (a tag named ``reward`` gives ``reward/mean``) is an error naming it."""
-    clash = sorted(split.keys() & totals.keys())
-    if clash:
-        raise EnvProtocolError(
-            f"the per-tag metric {clash[0]!r} has the name of a metric the trainer logs for the "
-            "whole batch; rename that logging tag (EnvGroupBuilder.logging_tags)"
-        )
-    totals.update(split)
-    return totals
-
-
 def success_metrics(trajectories: Sequence[Trajectory], prefix: str = "eval/") -> dict[str, float]:
     """Verifier outcomes: ``success_rate`` (fraction of graded valid episodes with reward 1)
     and ``reward_mean``, with the rollout metrics under the same prefix. Episodes whose
@@ -136,7 +123,7 @@ def tagged_success_metrics(trajectories: Sequence[Trajectory]) -> dict[str, floa
     split: dict[str, float] = {}
     for tag, members in by_tag(trajectories, lambda t: t.metadata).items():
         split.update(success_metrics(members, prefix=f"eval/{tag}/"))
-    return merge_tagged(success_metrics(trajectories), split)
+    return {**success_metrics(trajectories), **split}
 
 
 def weighted_mean(parts: Iterable[tuple[Mapping[str, float], float]]) -> dict[str, float]:

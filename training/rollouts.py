@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import numbers
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -717,7 +716,6 @@ async def _add_group_rewards(
     rewards = [as_reward(value) for value in extra]
     for position, (value, reward) in enumerate(zip(extra, rewards, strict=True)):
         if reward is None:
-            shown = describe(float(value) if isinstance(value, numbers.Real) else value)
-            raise RewardError(f"{call} returned {shown} as reward {position}; {expected}")
+            raise RewardError(f"{call} returned {describe(value)} as reward {position}; {expected}")
     for trajectory, reward in zip(valid, rewards, strict=True):
         trajectory.reward += reward  # type: ignore[operator]

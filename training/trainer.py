@@ -52,7 +52,6 @@ from training.metrics import (
     RunLogger,
     Timer,
     by_tag,
-    merge_tagged,
     progress,
     rollout_metrics,
     tagged,
@@ -451,7 +450,7 @@ class Trainer:
             **timer.times,
             "phase/sft_warmup": float(phase is Phase.SFT_WARMUP),
         }
-        merge_tagged(metrics, tag_metrics(trajectories, scored if on_policy else None))
+        metrics.update(tag_metrics(trajectories, scored if on_policy else None))
         if self.off_policy is not None:
             metrics["phase/off_policy"] = float(phase is Phase.OFF_POLICY)
         metrics["time/step"] = sum(timer.times.values())

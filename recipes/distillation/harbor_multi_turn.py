@@ -28,7 +28,7 @@ from envs.errors import EnvsError
 from envs.harbor.builders import HarborDistillationDatasetBuilder, HarborEnvConfig
 from envs.harbor.tasks import HarborTask
 from envs.harbor.teacher_view import TeacherView, solution_commands
-from recipes.cli import ConfigError, dump_config
+from recipes.cli import ConfigError
 from recipes.common import (
     NO_EVAL_TASKS,
     HarborTaskKeys,
@@ -45,6 +45,7 @@ from recipes.common import (
     load_student,
     load_teacher,
     make_sampler,
+    run_config,
     run_training,
     single_teacher,
 )
@@ -204,7 +205,7 @@ def build_trainer(config: Config) -> Trainer:
             demonstrations=demonstrations,
             off_policy=off_policy,
             log_path=log_path,
-            run_config={**dump_config(config), "log_path": str(log_path)},
+            run_config=run_config(config, log_path),
         )
     except (ValueError, TrainingError) as error:
         raise ConfigError(str(error)) from None

@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 from envs.harbor.builders import HarborDistillationDatasetBuilder, HarborEnvConfig
 from envs.mixture import DatasetPart, MixedDataset
 from envs.prompts import PromptDataset, PromptDatasetBuilder, PromptDatasetConfig
-from recipes.cli import ConfigError, RecipeConfig, dump_config
+from recipes.cli import ConfigError, RecipeConfig
 from recipes.common import (
     LoadedTeacher,
     MixKeys,
@@ -48,6 +48,7 @@ from recipes.common import (
     load_student,
     load_teacher,
     make_sampler,
+    run_config,
     run_training,
 )
 from recipes.distillation.harbor_multi_turn import check_backend
@@ -272,7 +273,7 @@ def build_trainer(config: Config) -> Trainer:
         eval_dataset=data.validation,
         off_policy=lmbda_mix(config, lambda: dataset_policy(data.prompt_sets, student), None, full),
         log_path=log_path,
-        run_config={**dump_config(config), "log_path": str(log_path)},
+        run_config=run_config(config, log_path),
     )
 
 

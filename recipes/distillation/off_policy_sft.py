@@ -20,7 +20,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from recipes.cli import dump_config
 from recipes.common import (
     OffPolicySource,
     TeacherKeys,
@@ -30,6 +29,7 @@ from recipes.common import (
     load_student,
     load_teacher,
     make_sampler,
+    run_config,
     run_training,
     single_teacher,
     teacher_policy,
@@ -80,7 +80,7 @@ def build_trainer(config: Config) -> Trainer:
         objective=SFT(),
         off_policy=LmbdaMix(0.0, policy, SFT(), seed=config.seed),
         log_path=log_path,
-        run_config={**dump_config(config), "log_path": str(log_path)},
+        run_config=run_config(config, log_path),
     )
 
 

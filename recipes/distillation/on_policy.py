@@ -28,7 +28,7 @@ from pydantic import Field
 
 from envs.prompts import PromptDataset, PromptDatasetBuilder, PromptDatasetConfig
 from envs.types import DatasetBuilder
-from recipes.cli import ConfigError, Importable, dump_config
+from recipes.cli import ConfigError, Importable
 from recipes.common import (
     MixKeys,
     Student,
@@ -41,6 +41,7 @@ from recipes.common import (
     load_student,
     load_teacher,
     make_sampler,
+    run_config,
     run_training,
     single_teacher,
     user_datasets,
@@ -161,7 +162,7 @@ def build_trainer(config: Config) -> Trainer:
             config, lambda: references(prompts, student), teacher, teacher.full_vocabulary
         ),
         log_path=log_path,
-        run_config={**dump_config(config), "log_path": str(log_path)},
+        run_config=run_config(config, log_path),
     )
 
 

@@ -80,11 +80,9 @@ def with_paths(argv: list[str]) -> list[str]:
 
 
 def exit_code(results: list[CheckResult], expect: float | None) -> int:
-    if any(r.reward is None for r in results):
-        return 1
-    if expect is not None and any(r.reward != expect for r in results):
-        return 1
-    return 0
+    """1 when a task was not graded or scored other than ``expect``, else 0."""
+    ungraded = any(r.reward is None for r in results)
+    return 1 if ungraded or missed_expectation(results, expect) else 0
 
 
 def missed_expectation(results: list[CheckResult], expect: float | None) -> list[str]:
@@ -145,6 +143,19 @@ def write_results(results: list[CheckResult], output: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_partial(done: list[CheckResult], output: Path | None) -> str:
+    """Writes the tasks finished before an interrupt to ``output``; says what became of it."""
+    if output is None:
+        return ""
+    if not done:
+        return f"; output={output} not written"
+    try:
+        write_results(done, output)
+    except OSError as error:
+        return f"; output={output} not written ({error})"
+    return f"; their results are in output={output}"
+
+
 def main(config: CheckConfig) -> int:
     try:
         tasks = load_tasks(*config.paths)
@@ -168,8 +179,7 @@ def main(config: CheckConfig) -> int:
             )
         )
     except KeyboardInterrupt as stop:
-        unwritten = f"; output={config.output} not written" if config.output else ""
-        stop.add_note(f"after {len(done)} of {len(tasks)} tasks{unwritten}")
+        stop.add_note(f"after {len(done)} of {len(tasks)} tasks{save_partial(done, config.output)}")
         raise
     print_table(results, config, Console())
     if config.output is not None:

@@ -23,7 +23,6 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from envs.harbor.builders import HarborDatasetBuilder
-from recipes.cli import dump_config
 from recipes.common import (
     NO_EVAL_TASKS,
     HarborTaskKeys,
@@ -35,6 +34,7 @@ from recipes.common import (
     eval_split,
     load_student,
     make_sampler,
+    run_config,
     run_training,
 )
 from recipes.distillation.harbor_multi_turn import check_backend, reference_script
@@ -113,7 +113,7 @@ def build_trainer(config: Config) -> Trainer:
         ),
         demonstrations=demonstrations,
         log_path=log_path,
-        run_config={**dump_config(config), "log_path": str(log_path)},
+        run_config=run_config(config, log_path),
     )
 
 

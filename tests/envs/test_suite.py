@@ -2,7 +2,7 @@
 0 with the no-op agent, on the local (bubblewrap) and docker backends. The command's own
 behaviour: failures labelled by what failed, tasks that missed ``expect`` named, ``output``
 checked first and written whole, the table's text shown as written, Ctrl-C without a
-traceback."""
+traceback and with the finished tasks' results kept."""
 
 from __future__ import annotations
 
@@ -179,6 +179,39 @@ def test_ctrl_c_stops_the_check_in_one_line_with_exit_130(tmp_path, make_task):
     assert child.returncode == 130
     assert err == f"interrupted after 0 of 1 tasks; output={output} not written\n"
     assert not output.exists() and not output.with_name("out.json.tmp").exists()
+
+
+@pytest.mark.bwrap
+def test_ctrl_c_keeps_the_results_of_the_tasks_that_finished(tmp_path, make_task):
+    require_bwrap()
+    quick = make_task("a-quick")
+    slow = make_task("b-slow", solve_sh="#!/bin/bash\nsleep 617\n")
+    output = tmp_path / "out.json"
+    arguments = [str(quick), str(slow), "concurrency=1", f"output={output}"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "recipes.harbor.check", *arguments],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while not running("sleep 617"):  # the quick task is graded, the slow one's oracle runs
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130
+    assert err == f"interrupted after 1 of 2 tasks; their results are in output={output}\n"
+    [result] = json.loads(output.read_text())
+    assert (result["task"], result["reward"]) == ("a-quick", 1.0)
+    assert not running("sleep 617")
+
+
+def running(command: str) -> bool:
+    found = subprocess.run(["pgrep", "-f", command], capture_output=True, check=False)
+    return found.returncode == 0
 
 
 def children(pid: int) -> list[str]:

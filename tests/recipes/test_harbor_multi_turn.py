@@ -338,6 +338,14 @@ def test_bad_config_exits_2_naming_the_key(argv, expected, capsys):
         assert internal not in err, err
 
 
+def test_a_backend_module_that_fails_on_import_is_a_config_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_backend.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = run(["backend=broken_backend:Factory"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "cannot import it: RuntimeError: boom at import" in err
+
+
 def test_every_command_line_problem_is_listed_at_once(capsys):
     code, err = run(["lerning_rate=1e-4", "group_size=four", "backend=cloud"], capsys)
     assert code == 2
@@ -452,8 +460,9 @@ def test_wandb_without_the_package_exits_2(tiny_dirs, tmp_path, capsys):
     assert code == 2 and "wandb_project='demo' needs the wandb package" in err
 
 
-def test_env_timeout_must_leave_room_for_harbors_own_limits():
+def test_env_timeout_must_leave_room_for_harbors_own_limits(tmp_path):
     from envs.harbor.builders import bundled_split
+    from envs.harbor.tasks import load_task
     from recipes.cli import ConfigError
     from recipes.common import HARBOR_SLACK_S, check_env_timeout
 
@@ -461,14 +470,48 @@ def test_env_timeout_must_leave_room_for_harbors_own_limits():
     tasks = [*split.train, *split.test]
     check_env_timeout(Config().env_timeout_s, tasks, command_timeout_s=30.0)  # the defaults fit
     check_env_timeout(None, tasks, command_timeout_s=30.0)
-    slowest = max(tasks, key=lambda t: t.config.environment.build_timeout_sec)
-    needed = slowest.config.environment.build_timeout_sec + HARBOR_SLACK_S
+
+    # the last step runs every bash call the agent timeout allows, then the verifier
+    slow = tmp_path / "slow-agent"
+    shutil.copytree(SUITE_DIR / "hello-file", slow)
+    toml = (slow / "task.toml").read_text()
+    (slow / "task.toml").write_text(toml.replace("timeout_sec = 120.0", "timeout_sec = 3000.0"))
+    task = load_task(slow)
+    step = 3000.0 + task.verifier_timeout_s
     with pytest.raises(ConfigError) as caught:
-        check_env_timeout(needed - 1, tasks, command_timeout_s=30.0)
-    assert f"{slowest.name!r}'s [environment].build_timeout_sec" in str(caught.value)
-    assert f"env_timeout_s={needed:g} or more" in str(caught.value)
-    with pytest.raises(ConfigError, match="command_timeout_s is 5000 s"):
-        check_env_timeout(3600.0, tasks, command_timeout_s=5000.0)
+        check_env_timeout(3600.0, [*tasks, task], command_timeout_s=30.0)
+    message = str(caught.value)
+    assert "'slow-agent': [agent].timeout_sec + [verifier].timeout_sec is" in message
+    assert f"env_timeout_s={step + HARBOR_SLACK_S:g} or more" in message
+    check_env_timeout(step + HARBOR_SLACK_S, [*tasks, task], command_timeout_s=30.0)
+
+    # the image build, inside make_envs
+    build = tmp_path / "slow-build"
+    shutil.copytree(SUITE_DIR / "hello-file", build)
+    toml = (build / "task.toml").read_text()
+    (build / "task.toml").write_text(
+        toml.replace("build_timeout_sec = 300.0", "build_timeout_sec = 3500.0")
+    )
+    with pytest.raises(
+        ConfigError, match=r"'slow-build': \[environment\].build_timeout_sec is 3500"
+    ):
+        check_env_timeout(3600.0, [load_task(build)], command_timeout_s=30.0)
+
+    # without an agent timeout, one bash call (command_timeout_s) bounds a step
+    with pytest.raises(ConfigError, match=r"command_timeout_s \+ \[verifier\].timeout_sec is"):
+        check_env_timeout(3600.0, [_without_agent_timeout(tmp_path)], command_timeout_s=5000.0)
+
+
+def _without_agent_timeout(tmp_path):
+    from envs.harbor.tasks import load_task
+
+    folder = tmp_path / "no-agent-timeout"
+    shutil.copytree(SUITE_DIR / "hello-file", folder)
+    toml = (folder / "task.toml").read_text()
+    (folder / "task.toml").write_text(toml.replace("[agent]\ntimeout_sec = 120.0\n", ""))
+    task = load_task(folder)
+    assert task.agent_timeout_s is None
+    return task
 
 
 def test_ctrl_c_says_where_the_run_stopped_and_exits_130(tmp_path):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.cli import format_help
+from recipes.cli import format_help, parse_cli
+from recipes.common import check_resume
 from recipes.distillation import on_policy
 from tool_use.renderers import get_renderer
 from tool_use.trajectory import read_jsonl
@@ -103,6 +104,22 @@ def test_on_policy_run_with_privileged_teacher_validation_and_reports(
         torch.testing.assert_close(
             torch.tensor(sequence.teacher_logprobs), expected, atol=1e-4, rtol=0
         )
+
+
+def test_a_resumed_runs_config_repeats_the_run_in_a_new_folder(tiny_folders, tmp_path):
+    log = tmp_path / "run"
+    first = args(tiny_folders, log, max_steps=1, eval_every=0, save_every=1)
+    assert on_policy.cli(on_policy.main, on_policy.Config, first) == 0
+    resumed = args(tiny_folders, log, max_steps=2, eval_every=0, save_every=1, resume="true")
+    assert on_policy.cli(on_policy.main, on_policy.Config, resumed) == 0
+
+    saved = json.loads((log / "config.json").read_text())
+    assert saved["resume"] is False and saved["max_steps"] == 2
+    again = parse_cli(
+        on_policy.Config, [f"config={log / 'config.json'}", f"log_path={tmp_path / 'again'}"]
+    )
+    assert again.resume is False and again.max_steps == 2
+    check_resume(again)  # a new run in a new folder: nothing to refuse
 
 
 @pytest.mark.parametrize(
