@@ -50,7 +50,12 @@ from recipes.cli import (
 from tool_use.renderers import get_renderer
 from tool_use.renderers.base import Renderer, RendererError
 from training import checkpoints, models
-from training.errors import CheckpointError, ModelLoadError, TrainingError
+from training.errors import (
+    CheckpointError,
+    InferenceServerError,
+    ModelLoadError,
+    TrainingError,
+)
 from training.metrics import METRICS_FILE, ROLLOUTS_DIR
 from training.off_policy import LmbdaMix, TeacherPolicy, off_policy_objective
 from training.rollouts import Policy
@@ -565,7 +570,8 @@ def check_resume(config: Any) -> None:
     written; each problem is a ``ConfigError``:
 
     - ``resume=true`` needs ``log_path``, and a checkpoint in it;
-    - ``resume=PATH`` must be a checkpoint folder, or a run folder with one;
+    - ``resume=PATH`` must be a checkpoint folder, or a run folder with one, and the newest
+      checkpoint of the run in ``log_path`` (an older one would mix two futures there);
     - the run folder must be a folder this process can write into or create;
     - a new run (no ``resume``) must not go into a folder that holds a run already: its
       metrics, rollouts and checkpoints would mix with the new ones (and a later
@@ -573,14 +579,14 @@ def check_resume(config: Any) -> None:
     resume = getattr(config, "resume", False)
     if resume is True and not config.log_path:
         raise ConfigError("resume=true continues the run in log_path: set log_path=RUN_FOLDER")
-    if isinstance(resume, Path):
-        try:
-            checkpoints.resolve_checkpoint(resume)
-        except CheckpointError as error:
-            raise ConfigError(f"resume={resume}: {error}") from None
     if not config.log_path and not isinstance(resume, Path):
         return  # a new folder, runs/<recipe>-<timestamp>
     log_path = default_log_path("", config)
+    if isinstance(resume, Path):
+        try:
+            checkpoints.refuse_later_checkpoints(log_path, checkpoints.resolve_checkpoint(resume))
+        except CheckpointError as error:
+            raise ConfigError(f"resume={resume}: {error}") from None
     check_folder("log_path", log_path)
     if resume is True and checkpoints.latest_checkpoint(log_path) is None:
         raise ConfigError(
@@ -676,12 +682,16 @@ async def run_training(trainer: Trainer, *, no_eval: str = "no eval dataset") ->
     """Train (the trainer writes the reports at the end), close the teacher (also one made
     during the run, ``teacher_from_warmup``) and the sampler (a vLLM engine's processes, a
     server's adapter), print the summary (``no_eval``: why there is no evaluation, if none).
-    Cancelled (Ctrl-C), the exception carries a note saying where the run stopped and how to
-    resume, which the command line prints."""
+    Cancelled (Ctrl-C), or stopped by a teacher or sampler server that stayed unreachable, the
+    exception carries a note saying where the run stopped and how to resume, which the command
+    line prints."""
     try:
         result = await trainer.train()
     except (KeyboardInterrupt, anyio.get_cancelled_exc_class()) as stop:
         stop.add_note(interruption(trainer))
+        raise
+    except InferenceServerError as error:
+        error.add_note(f"the run stopped {interruption(trainer)}")
         raise
     finally:
         try:
@@ -775,7 +785,7 @@ def cli[C: BaseModel](
     try:
         anyio.run(main, config)
     except (ConfigError, EnvsError, ModelLoadError, TrainingError, RendererError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print("\n".join([f"error: {error}", *getattr(error, "__notes__", ())]), file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # clean-up has run; say where the run stopped
         print(interrupted_message(stop), file=sys.stderr)

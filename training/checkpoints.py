@@ -104,6 +104,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
+def later_checkpoints(log_path: str | Path, checkpoint: str | Path) -> list[Path]:
+    """The checkpoints of the run in ``log_path`` newer than ``checkpoint``: a run resumed
+    there from ``checkpoint`` would leave them to be mixed with its own (a later
+    ``resume=true`` would pick one of them)."""
+    match = _STEP_DIR.match(Path(checkpoint).name)
+    if match is None:
+        return []
+    step = int(match.group(1))
+    return [p for p in list_checkpoints(log_path) if int(p.name.split("_")[-1]) > step]
+
+
+def refuse_later_checkpoints(log_path: str | Path, checkpoint: str | Path) -> None:
+    """``CheckpointError`` when resuming ``checkpoint`` into ``log_path`` would mix two runs."""
+    later = later_checkpoints(log_path, checkpoint)
+    if later:
+        names = ", ".join(p.name for p in later[:3]) + (", ..." if len(later) > 3 else "")
+        raise CheckpointError(
+            f"{checkpoint} is not the newest checkpoint of the run in {log_path} (later: "
+            f"{names}); continuing there would mix the two futures. Continue the newest with "
+            "resume=true, or branch from this one into a new folder with log_path=NEW_FOLDER"
+        )
+
+
 # ----------------------------------------------------------------------------- writing
 
 

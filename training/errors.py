@@ -20,7 +20,8 @@ class VocabularyMismatchError(TrainingError, ValueError):
 
 class InferenceServerError(TrainingError, EnvironmentFailure):
     """An inference server (vLLM teacher or sampler) failed or cannot be reached. It is an
-    ``EnvironmentFailure``: an episode that needed it is invalid, never trained on."""
+    ``EnvironmentFailure``: an episode that needed it (a sampler's turn) is invalid, never
+    trained on; in scoring, which runs outside the episodes, it stops the run."""
 
     def __init__(self, message: str, kind: str = "inference_server") -> None:
         EnvironmentFailure.__init__(self, message, kind=kind)
@@ -38,6 +39,11 @@ class SamplerServerError(InferenceServerError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, kind="sampler")
+
+
+class ObjectiveError(TrainingError, ValueError):
+    """The loss keys ask for what the teacher cannot give (``jsd`` over the full vocabulary
+    from a server teacher, a tempered top-K with a tail bucket)."""
 
 
 class CheckpointError(TrainingError):

@@ -52,7 +52,7 @@ class Normalization(StrEnum):
     batch is one micro-batch of a larger one): every token weighs the same."""
     SEQUENCES = "sequences"
     """Average over the student tokens of each sequence, then over the sequences that have any:
-    every sequence weighs the same, however long."""
+    every sequence weighs the same, however long. For a whole batch only (no ``token_count``)."""
 
 
 class LossResult(NamedTuple):
@@ -96,6 +96,11 @@ def _reduce(
     if normalization is Normalization.TOKENS:
         count = float(mask.sum()) if token_count is None else float(token_count)
         return values.sum() / max(count, 1.0)
+    if token_count is not None:
+        raise ValueError(
+            "normalization='sequences' averages over the batch's own sequences, so micro-batch "
+            "losses would not add up to the batch's: give the whole batch, without token_count"
+        )
     per_sequence_tokens = mask.sum(dim=1)
     has_tokens = per_sequence_tokens > 0
     per_sequence = values.sum(dim=1) / per_sequence_tokens.clamp(min=1)
@@ -586,8 +591,9 @@ def topk_forward_kl_loss(
     """SDFT: forward KL from the teacher's renormalised top-K distribution to the student.
 
     ``student_logits`` ``[B, T, V]``; ``teacher_topk_ids``, ``teacher_topk_logprobs``
-    ``[B, T, K]`` (``-inf`` marks a missing entry; use :func:`blend_topk` for several
-    teachers). With ``w = softmax(teacher_topk_logprobs)`` and the student's full-vocabulary
+    ``[B, T, K]`` at temperature 1 (``-inf`` marks a missing entry; use :func:`blend_topk`
+    for several teachers). With ``w = softmax(teacher_topk_logprobs / temperature)`` (exact
+    for a distribution renormalised over its support) and the student's full-vocabulary
     ``log p = log_softmax(student_logits / temperature)``, the per-token loss is
     ``sum_k w_k (log w_k - log p[id_k])``: the cross-entropy on soft ``[N, K]`` targets minus
     the targets' entropy (same gradient; 0 when the student matches on the support).
@@ -596,7 +602,7 @@ def topk_forward_kl_loss(
     m = _as_mask(mask, student_logits)
 
     def per_token(student: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        teacher = _upcast(teacher.detach())
+        teacher = _upcast(teacher.detach()) / temperature
         valid = torch.isfinite(teacher)
         log_total = torch.logsumexp(teacher, dim=-1, keepdim=True)
         log_w = torch.where(valid, teacher - log_total, _MIN_LOGPROB).clamp(min=_MIN_LOGPROB)

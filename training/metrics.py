@@ -127,14 +127,21 @@ def tagged_success_metrics(trajectories: Sequence[Trajectory]) -> dict[str, floa
 
 
 def weighted_mean(parts: Iterable[tuple[Mapping[str, float], float]]) -> dict[str, float]:
-    """Average dicts of metrics, each weighted (e.g. by its micro-batch's token count)."""
+    """Average dicts of metrics, each weighted (e.g. by its micro-batch's token count); keys
+    ending in ``_min`` or ``_max`` are extremes, so they take the min or max over the parts
+    with a positive weight instead."""
     sums: dict[str, float] = defaultdict(float)
     weights: dict[str, float] = defaultdict(float)
+    extremes: dict[str, float] = {}
     for metrics, weight in parts:
         for key, value in metrics.items():
             sums[key] += value * weight
             weights[key] += weight
-    return {key: sums[key] / weights[key] for key in sums if weights[key] > 0}
+            pick = min if key.endswith("_min") else max if key.endswith("_max") else None
+            if pick is not None and weight > 0:
+                extremes[key] = pick(extremes.get(key, value), value)
+    means = {key: sums[key] / weights[key] for key in sums if weights[key] > 0}
+    return {**means, **extremes}
 
 
 class Timer:

@@ -29,6 +29,7 @@ import torch
 
 from tool_use.trajectory import Trajectory
 from training import losses
+from training.errors import ObjectiveError
 from training.scoring import ScoredSequence, TeacherRequest
 
 
@@ -263,9 +264,12 @@ class JSD:
         else:
             if batch.full_logits is None:
                 raise ValueError("jsd needs the teacher's full logits: score with a local teacher")
+            # Embeddings padded to different sizes (Qwen2.5 0.5B vs 7B): the rows past the
+            # narrower one are padding, never a token (the start-up check proved the ids fit).
+            width = min(logits.shape[-1], batch.full_logits.shape[-1])
             result = losses.generalized_jsd_loss(
-                logits,
-                batch.full_logits[None].to(logits.device),
+                logits[..., :width],
+                batch.full_logits[None, :, :width].to(logits.device),
                 ones,
                 beta=self.beta,
                 temperature=self.temperature,
@@ -396,12 +400,18 @@ def make_objective(
         return SampledReverseKL(kl_penalty_coef, kl_discount_factor, clip_ratio, temperature)
     if name is LossName.JSD:
         if not full_vocabulary and top_k <= 0:
-            raise ValueError(
+            raise ObjectiveError(
                 "loss=jsd with a server teacher works on the teacher's top-K: set top_k > 0"
+            )
+        if not full_vocabulary and temperature != 1.0:
+            raise ObjectiveError(
+                f"loss=jsd with a server teacher needs temperature=1 (got {temperature:g}): the "
+                "teacher's top-K logprobs come at temperature 1 and the mass outside them "
+                "cannot be re-tempered; use a local teacher or loss=topk_forward_kl"
             )
         return JSD(beta=beta, temperature=temperature, top_k=0 if full_vocabulary else top_k)
     if name is LossName.TOPK_FORWARD_KL:
         if top_k <= 0:
-            raise ValueError("loss=topk_forward_kl needs top_k > 0")
+            raise ObjectiveError("loss=topk_forward_kl needs top_k > 0")
         return TopKForwardKL(top_k=top_k, temperature=temperature)
     return SFT()

@@ -67,18 +67,22 @@ def teacher_views(
 
     ``renderer`` is the teacher's; ``None`` (or one that renders like ``student_renderer``)
     means the teacher reads the student's own tokens, which needs no re-rendering unless the
-    trajectory carries ``teacher_messages``.
+    trajectory carries ``teacher_messages``. A token-level env (no messages) owns its tokens:
+    the teacher reads them as they are, whatever its renderer.
     """
     if not trajectory.valid:
         raise ValueError(f"teacher_views: the episode is invalid ({trajectory.failure}); skip it")
+    token_level = not trajectory.messages
     same = renderer is None or renderer.same_rendering_as(student_renderer)
-    if same and trajectory.teacher_messages is None:
+    if trajectory.teacher_messages is None and (same or token_level):
         return [_identity(seq) for seq in trajectory.sequences]
     if renderer is None:
         raise ValueError(
             "teacher_views: the trajectory has teacher_messages (a privileged prompt); pass the "
             "teacher's renderer (or the student's) to render it"
         )
+    if token_level:
+        return [_with_teacher_prompt(trajectory, trajectory.teacher_messages, renderer)]
     views = [
         _rendered(trajectory, index, seq, renderer)
         for index, seq in enumerate(trajectory.sequences)
@@ -89,6 +93,27 @@ def teacher_views(
 def _identity(sequence: TokenSequence) -> TeacherView:
     positions = [i if m else -1 for i, m in enumerate(sequence.mask)]
     return TeacherView(tokens=list(sequence.tokens), positions=positions)
+
+
+def _with_teacher_prompt(
+    trajectory: Trajectory, teacher_messages: Sequence[Message], renderer: Renderer
+) -> TeacherView:
+    """A token-level env's tokens after its prompt, verbatim, behind the teacher's rendering
+    of ``teacher_messages``: there are no messages to re-render the rest from."""
+    if len(trajectory.sequences) != 1:
+        raise ValueError(
+            "teacher_views: a token-level env with teacher_messages must keep its episode in one "
+            f"sequence (this one has {len(trajectory.sequences)}): only the prompt can be "
+            "swapped for the teacher's"
+        )
+    (sequence,) = trajectory.sequences
+    prompt = renderer.render_prompt(list(teacher_messages), trajectory.tools)
+    start = trajectory.turns[0].sample_start if trajectory.turns else len(sequence)
+    shift = len(prompt) - start
+    positions = [p + shift if m else -1 for p, m in enumerate(sequence.mask)]
+    view = TeacherView(tokens=prompt + list(sequence.tokens[start:]), positions=positions)
+    _check_covered(sequence, view.positions, 0)
+    return view
 
 
 def _rendered(

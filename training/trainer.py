@@ -490,7 +490,12 @@ class Trainer:
                 out = objective(StudentForward(self.model, batch), batch, token_count)
                 out.loss.backward()
                 total_loss += float(out.loss.detach())
-                named = {f"loss/{k}": v for k, v in out.metrics.items() if k != "tokens"}
+                # teacher_kl is logged once, from the scores (teacher_metrics)
+                named = {
+                    f"loss/{k}": v
+                    for k, v in out.metrics.items()
+                    if k not in ("tokens", "teacher_kl")
+                }
                 parts.append(({**named, "entropy": out.entropy}, batch.num_student_tokens))
                 bar.update(1)
         finally:
@@ -620,6 +625,7 @@ class Trainer:
                     "set log_path to the folder of the run to continue, or resume=PATH"
                 ) from None
             raise
+        checkpoints.refuse_later_checkpoints(self.log_path, folder)
         state = checkpoints.load_checkpoint(folder, self.model, self.optimizer, self.scheduler)
         self.step_index = state.step
         self.history = dict(state.metrics_state)

@@ -37,6 +37,10 @@ class SamplingParams:
     top_k: int = 0
     """0 disables top-k filtering."""
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    """What ends the turn (kept in the tokens). Given, they alone do: the env that reads the
+    turn decides where it ends, so a model EOS id the env does not know (Qwen's
+    ``<|endoftext|>``) cannot end a turn the env would take as cut off. Empty: the model's EOS
+    ids end it."""
     tool_choice: ToolChoice = "auto"
     """``auto``: sample freely; ``required``: emit ``forced_prefix`` first, then sample freely;
     ``none``: never complete ``forced_prefix`` (its last token is banned where the rest matches)."""

@@ -205,6 +205,8 @@ def sampling_payload(
         "return_token_ids": True,
         "skip_special_tokens": False,
         "stop_token_ids": stop_token_ids(params),
+        # given stop sequences alone end the turn (SamplingParams.stop_sequences)
+        "ignore_eos": bool(params.stop_sequences),
     }
     if bad_words:
         payload["bad_words"] = list(bad_words)

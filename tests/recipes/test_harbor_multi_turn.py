@@ -389,6 +389,24 @@ def test_resume_problems_exit_2_before_anything_is_written(tmp_path, capsys):
     assert sorted(p.name for p in interrupted.iterdir()) == ["metrics.jsonl"]
 
 
+def test_resuming_an_older_checkpoint_into_its_own_run_is_refused(tmp_path, capsys):
+    """Its later checkpoints would stay beside the new ones (resume=true would pick them)."""
+    run_dir = tmp_path / "run"
+    for step in (2, 4, 6):
+        folder = run_dir / "checkpoints" / f"step_{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+    older = run_dir / "checkpoints" / "step_000002"
+    code, err = run([UNLOADABLE, f"resume={older}"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"is not the newest checkpoint of the run in {run_dir} (later: step_000004, " in err
+    assert "log_path=NEW_FOLDER" in err
+    code, err = run([UNLOADABLE, f"resume={older}", f"log_path={tmp_path / 'branch'}"], capsys)
+    assert code == 2 and "nobody-here/no-such-model" in err  # the branch passes the check
+    code, err = run([UNLOADABLE, f"resume={run_dir}"], capsys)  # the newest: step_000006
+    assert code == 2 and "nobody-here/no-such-model" in err
+
+
 def test_a_log_path_that_cannot_be_a_folder_exits_2(tmp_path, capsys):
     a_file = tmp_path / "a-file.txt"
     a_file.write_text("")

@@ -9,19 +9,22 @@ import json
 import math
 from pathlib import Path
 
+import anyio
 import pytest
 import torch
 
 from recipes.cli import format_help, parse_cli
-from recipes.common import check_resume
+from recipes.common import check_resume, run_training
 from recipes.distillation import on_policy
+from tests.conftest import free_port
 from tool_use.renderers import get_renderer
 from tool_use.trajectory import read_jsonl
 from training import models
+from training.errors import TeacherServerError
 from training.metrics import read_metrics
 from training.off_policy import LmbdaMix
 from training.teacher_view import teacher_views
-from training.teachers import LocalTeacher
+from training.teachers import LocalTeacher, RemoteTeacher
 
 DATA = Path(on_policy.__file__).resolve().parents[1] / "data"
 
@@ -242,3 +245,19 @@ def test_a_dataset_builder_that_returns_no_datasets_exits_2(tiny_folders, tmp_pa
     assert f"dataset_builder={reference} returned a list as the train dataset" in err
     assert "Traceback" not in err
     assert "dataset_builder: module:attr | null = null" in format_help(on_policy.Config)
+
+
+def test_a_teacher_server_that_stays_down_stops_the_run_saying_where(tiny_folders, tmp_path):
+    """Scoring runs outside the episodes: a dead teacher stops the run, with how to go on."""
+    config = parse_cli(on_policy.Config, args(tiny_folders, tmp_path / "run", eval_every=0))
+    trainer = on_policy.build_trainer(config)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    trainer.teacher = RemoteTeacher(dead, max_attempts=2, backoff_s=0.01)
+    with pytest.raises(TeacherServerError) as stopped:
+        anyio.run(run_training, trainer)
+    assert f"teacher server at {dead} is unreachable" in str(stopped.value)
+    assert stopped.value.__notes__ == [
+        "the run stopped during step 1 of 2; last checkpoint: none (save_every=0: only at the "
+        f"end), so there is nothing to resume: start again in a new or empty log_path (not "
+        f"{tmp_path / 'run'})"
+    ]

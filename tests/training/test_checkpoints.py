@@ -23,9 +23,11 @@ from training.checkpoints import (
     TrainingState,
     export_adapter,
     export_merged,
+    later_checkpoints,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    refuse_later_checkpoints,
     save_checkpoint,
 )
 from training.errors import CheckpointError
@@ -321,3 +323,19 @@ def test_exports_load_in_transformers_and_peft(tmp_path):
     # exporting again replaces the folder atomically
     export_adapter(model, tmp_path / "adapter")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_only_the_newest_checkpoint_of_a_run_can_be_continued_in_place(tmp_path):
+    for step in (2, 4, 10):
+        folder = tmp_path / "checkpoints" / f"step_{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text("{}")
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in later_checkpoints(tmp_path, root / "step_000002")] == [
+        "step_000004",
+        "step_000010",
+    ]
+    with pytest.raises(CheckpointError, match=r"later: step_000004, step_000010\)"):
+        refuse_later_checkpoints(tmp_path, root / "step_000002")
+    refuse_later_checkpoints(tmp_path, root / "step_000010")
+    refuse_later_checkpoints(tmp_path / "branch", root / "step_000002")  # a new folder

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from training.errors import ObjectiveError
 from training.losses import (
     Normalization,
     blend_topk,
@@ -23,6 +24,7 @@ from training.losses import (
     topk_forward_kl_loss,
     topk_generalized_jsd_loss,
 )
+from training.objectives import make_objective
 
 B, T, V = 3, 7, 11
 
@@ -234,6 +236,11 @@ def test_sequence_normalisation_and_token_count(gen):
         for i in (0, 2)
     )
     torch.testing.assert_close(halves, whole)
+    # per-sequence means of micro-batches cannot add up to the batch's: refused, not wrong
+    with pytest.raises(ValueError, match="give the whole batch, without token_count"):
+        sampled_reverse_kl_loss(
+            p, s, q, m, normalization=Normalization.SEQUENCES, token_count=float(m.sum())
+        )
 
 
 def test_policy_gradient_with_per_sequence_advantages(gen):
@@ -396,7 +403,7 @@ def test_topk_forward_kl_matches_direct(gen):
     for b in range(B):
         for t in range(T):
             if m[b, t]:
-                w = torch.softmax(top_lp[b, t], -1)  # renormalised top-K
+                w = torch.softmax(top_lp[b, t] / 0.8, -1)  # renormalised, tempered top-K
                 ls = torch.log_softmax(student[b, t] / 0.8, -1)
                 ce = -sum(w[k] * ls[ids[b, t, k]] for k in range(4))
                 terms.append(ce + (w * w.log()).sum())
@@ -409,6 +416,21 @@ def test_topk_forward_kl_matches_direct(gen):
     assert result.metrics["cross_entropy"] == pytest.approx(sum(ces) / len(ces), rel=1e-5)
     g = grad(topk_forward_kl_loss(student, ids, top_lp, m).loss, student)
     assert torch.all(g[~m] == 0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
+def test_topk_forward_kl_tempers_the_teacher_like_the_full_vocabulary_loss(gen, temperature):
+    """Teachers score at temperature 1: with K = V the top-K loss is the full-vocabulary forward
+    KL at the same temperature, 0 for a student equal to the teacher."""
+    student, teacher = logits_pair(gen)
+    m = interleaved_mask()
+    ids = torch.arange(V).expand(B, T, V)
+    top_lp = torch.log_softmax(teacher, -1)
+    topk = topk_forward_kl_loss(student, ids, top_lp, m, temperature=temperature).loss
+    full = generalized_jsd_loss(student, teacher, m, beta=0.0, temperature=temperature).loss
+    torch.testing.assert_close(topk, full, rtol=1e-4, atol=1e-6)
+    same = topk_forward_kl_loss(teacher, ids, top_lp, m, temperature=temperature).loss
+    assert float(same) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_blend_topk_merges_mass_on_the_union():
@@ -520,3 +542,15 @@ def test_bad_arguments_are_named(gen):
         policy_gradient_loss(student[..., 0], teacher[..., 0], teacher[..., 0], m, clip_ratio=1.5)
     with pytest.raises(ValueError, match="mask has shape"):
         sft_loss(student[..., 0], m[:, :3])
+
+
+def test_objectives_refuse_what_a_server_teacher_cannot_give():
+    """A server teacher returns top-K logprobs at temperature 1: a tempered tail bucket cannot
+    be computed from them, so ``jsd`` asks for temperature 1 (``topk_forward_kl`` re-tempers)."""
+    with pytest.raises(ObjectiveError, match=r"needs temperature=1 \(got 0.7\)"):
+        make_objective("jsd", temperature=0.7, top_k=20, full_vocabulary=False)
+    with pytest.raises(ObjectiveError, match="set top_k > 0"):
+        make_objective("jsd", top_k=0, full_vocabulary=False)
+    assert make_objective("jsd", temperature=0.7, full_vocabulary=True).temperature == 0.7
+    tempered = make_objective("topk_forward_kl", temperature=0.7, top_k=5, full_vocabulary=False)
+    assert tempered.temperature == 0.7

@@ -167,6 +167,19 @@ def test_eos_ends_the_turn(tiny_model, prompts):
     assert out.finish_reason == "stop"
 
 
+def test_given_stop_sequences_alone_end_the_turn(tiny_model, prompts):
+    """The env decides what ends a turn: a model EOS id outside its stop sequences does not."""
+    free = HFSampler(tiny_model, eos_token_ids=()).generate([prompts[0]], [GREEDY])[0].tokens
+    eos = free[1]
+    end = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+    sampler = HFSampler(tiny_model, eos_token_ids=[eos])
+    params = SamplingParams(max_tokens=12, temperature=0.0, stop_sequences=((free[end],),))
+    out = sampler.generate([prompts[0]], [params])[0]
+    assert out.tokens == free[: end + 1] and out.finish_reason == "stop"  # went past eos
+    without = SamplingParams(max_tokens=12, temperature=0.0)
+    assert sampler.generate([prompts[0]], [without])[0].tokens == free[: free.index(eos) + 1]
+
+
 def test_max_tokens_is_a_hard_budget(tiny_model, prompts):
     sampler = HFSampler(tiny_model, eos_token_ids=())
     params = [SamplingParams(max_tokens=n, temperature=0.0) for n in (1, 4, 9)]

@@ -17,7 +17,7 @@ from tool_use.agent_env import ParseErrorPolicy
 from tool_use.renderers import HermesRenderer, Llama3Renderer, Qwen3Renderer
 from tool_use.token_env import MessageTokenEnv, run_episode
 from tool_use.trajectory import Trajectory
-from tool_use.types import Observation
+from tool_use.types import Observation, StepResult
 from training.teacher_view import TeacherView, teacher_views
 
 pytestmark = pytest.mark.anyio
@@ -220,3 +220,54 @@ async def test_privileged_prompt_needs_a_renderer_and_invalid_episodes_are_refus
     trajectory.failure = "sandbox: died"
     with pytest.raises(ValueError, match="the episode is invalid"):
         teacher_views(trajectory, student)
+
+
+class TokenLevelEnv:
+    """A hand-written token env: its own prompt and env tokens, no messages; ``new_sequence``
+    on the second turn when ``fresh`` (a rewritten context)."""
+
+    def __init__(self, teacher_messages=None, fresh: bool = False) -> None:
+        self.teacher_messages, self.fresh, self.turns = teacher_messages, fresh, 0
+
+    async def initial_observation(self) -> Observation:
+        return Observation(tokens=[11, 12, 13])
+
+    async def step(self, sampled) -> StepResult:
+        self.turns += 1
+        if self.turns == 2:
+            return StepResult(done=True, next_observation=None, reward=1.0)
+        tokens = [31, 32, 33] if self.fresh else [21, 22]
+        observation = Observation(tokens=tokens, new_sequence=self.fresh)
+        return StepResult(done=False, next_observation=observation)
+
+    async def close(self) -> None:
+        pass
+
+
+async def fixed_sample(context: list[int], observation: Observation) -> Sample:
+    return Sample([40, 41], [-0.5, -0.5], [-0.5, -0.5])
+
+
+async def test_a_token_level_env_is_read_verbatim_by_a_teacher_with_another_template(
+    smollm2_tokenizer, llama_tokenizer
+):
+    """Nothing to re-render from: the teacher reads the env's own tokens, prompt included."""
+    trajectory = await run_episode(TokenLevelEnv(), fixed_sample)
+    (sequence,) = trajectory.sequences
+    student, teacher = HermesRenderer(smollm2_tokenizer), Llama3Renderer(llama_tokenizer)
+    (view,) = teacher_views(trajectory, teacher, student_renderer=student)
+    assert view.tokens == sequence.tokens == [11, 12, 13, 40, 41, 21, 22, 40, 41]
+    assert view.positions == [-1, -1, -1, 3, 4, -1, -1, 7, 8]
+
+
+async def test_a_token_level_envs_privileged_prompt_replaces_only_its_prompt(smollm2_tokenizer):
+    renderer = HermesRenderer(smollm2_tokenizer)
+    trajectory = await run_episode(TokenLevelEnv(teacher_messages=PRIVILEGED), fixed_sample)
+    (view,) = teacher_views(trajectory, renderer, student_renderer=renderer)
+    prompt = renderer.render_prompt(PRIVILEGED, [])
+    assert view.tokens == [*prompt, 40, 41, 21, 22, 40, 41]
+    assert_scores_each_student_token_once(trajectory, [view])
+
+    split = await run_episode(TokenLevelEnv(teacher_messages=PRIVILEGED, fresh=True), fixed_sample)
+    with pytest.raises(ValueError, match="must keep its episode in one sequence"):
+        teacher_views(split, renderer, student_renderer=renderer)

@@ -164,9 +164,11 @@ def make_trainer(make_tiny_model, tokenizer, renderer, log_path, dataset, **over
     demonstrations = options.pop("demonstrations", None)
     full = options.pop("full_vocabulary_teacher", True)
     eval_dataset = options.pop("eval_dataset", None)
+    padding = options.pop("teacher_padding", 0)  # embedding rows past the tokenizer
     config = TrainerConfig(**options)
     model = lora_student(make_tiny_model, seed=config.seed)
-    teacher = LocalTeacher(make_tiny_model(seed=2), tokenizer)
+    teacher_model = models.tiny_random_llama(len(tokenizer) + padding, seed=2)
+    teacher = LocalTeacher(teacher_model, tokenizer)
     return Trainer(
         config,
         model=model,
@@ -254,12 +256,20 @@ def test_custom_message_and_token_envs_train_through_the_protocols(
     "loss, extra",
     [
         ("jsd", {"beta": 0.5}),
+        ("jsd", {"beta": 0.5, "teacher_padding": 64}),
         ("jsd", {"beta": 0.0, "top_k": 5, "full_vocabulary_teacher": False}),
         ("topk_forward_kl", {"top_k": 5}),
         ("sft", {}),
         ("sampled_reverse_kl", {"kl_discount_factor": 0.9, "clip_ratio": 0.2}),
     ],
-    ids=["jsd-full", "jsd-topk", "topk_forward_kl", "sft", "reverse-kl-discounted-clipped"],
+    ids=[
+        "jsd-full",
+        "jsd-full-teacher-padded-wider",
+        "jsd-topk",
+        "topk_forward_kl",
+        "sft",
+        "reverse-kl-discounted-clipped",
+    ],
 )
 def test_every_loss_trains(make_tiny_model, smollm2_tokenizer, renderer, tmp_path, loss, extra):
     trainer = make_trainer(

@@ -528,7 +528,8 @@ def _make_row(prompt: Sequence[int], params: SamplingParams) -> _Row:
 
 def _finished(row: _Row, eos_ids: frozenset[int]) -> bool:
     tokens = row.tokens
-    if tokens[-1] in eos_ids or any(
+    ends_at_eos = not row.params.stop_sequences and tokens[-1] in eos_ids
+    if ends_at_eos or any(
         len(tokens) >= len(stop) and tuple(tokens[-len(stop) :]) == tuple(stop)
         for stop in row.params.stop_sequences
         if stop

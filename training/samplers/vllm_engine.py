@@ -118,6 +118,7 @@ class VLLMEngineSampler:
             top_k=max(params.top_k, 0),
             logprobs=0,
             stop_token_ids=stop_token_ids(params),
+            ignore_eos=bool(params.stop_sequences),  # the stop sequences alone end the turn
             stop=stops or None,
             include_stop_str_in_output=True,
             detokenize=bool(stops),  # text is only needed to find stop strings

@@ -247,10 +247,10 @@ class BlendedTeacher:
                 ]
             )
             blended.topk_ids, blended.topk_logprobs = ids, logprobs.float()
-        if all(a.full_logits is not None for a in answers):
-            logp = torch.stack(
-                [torch.log_softmax(a.full_logits.double(), dim=-1) for a in answers]  # type: ignore[union-attr]
-            )
+        full = [a.full_logits for a in answers if a.full_logits is not None]
+        if len(full) == len(answers):
+            width = min(f.shape[-1] for f in full)  # past it: embedding padding, as in JSD
+            logp = torch.stack([torch.log_softmax(f[:, :width].double(), dim=-1) for f in full])
             blended.full_logits = torch.logsumexp(logp + log_w[:, None, None], dim=0).float()
         blended.metadata["teacher"] = BLEND
         blended.metadata["teacher_gaps"] = {
