@@ -111,7 +111,8 @@ class SpawnerChannel:
         dirfd = -1
         finished = False
         try:
-            os.mkdir(directory, 0o755)
+            os.mkdir(directory)
+            os.chmod(directory, 0o755)  # whatever the umask: the sandbox's uid reads it
             dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
             self._write(
                 dirfd, "req", request_script(command, cwd, env, self.workdir, persist).encode()

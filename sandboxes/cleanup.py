@@ -20,7 +20,7 @@ from collections.abc import Callable
 logger = logging.getLogger(__name__)
 
 _cleanups: dict[int, Callable[[], None]] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered by a signal arriving while register() holds it
 _installed = False
 
 

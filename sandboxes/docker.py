@@ -57,6 +57,7 @@ from sandboxes.errors import (
     SandboxFileError,
     SandboxStartError,
 )
+from sandboxes.hostfs import make_dirs
 from sandboxes.local import OWNER_FILE, control_root, default_root, reap_leftovers
 from sandboxes.output import CappedOutput
 from sandboxes.procs import kill_command, pid_namespace
@@ -154,6 +155,9 @@ class DockerFactory:
     def __post_init__(self) -> None:
         self._reaped = False
         self._locks: RunVar[dict[str, anyio.Lock]] = RunVar(f"docker-build-locks-{id(self)}")
+        self._timed_out: dict[str, str] = {}
+        """Tags whose build outlived ``build_timeout_s``: the build thread cannot be stopped
+        and may still finish; until it does, creates fail fast instead of building again."""
 
     @property
     def api(self) -> Any:
@@ -240,12 +244,23 @@ class DockerFactory:
             self._locks.set(locks)
         lock = locks.setdefault(tag, anyio.Lock())
         async with lock:
-            if not await anyio.to_thread.run_sync(self._has_image, tag):
+            if await anyio.to_thread.run_sync(self._has_image, tag):
+                return tag
+            if tag in self._timed_out:
+                raise SandboxBuildError(self._timed_out[tag])
+            try:
                 with anyio.fail_after(spec.build_timeout_s):
                     await anyio.to_thread.run_sync(
                         self._build, directory, tag, spec.name, abandon_on_cancel=True
                     )
-                self.builds += 1
+            except TimeoutError:
+                self._timed_out[tag] = (
+                    f"task {spec.name!r}: building {directory / 'Dockerfile'} took longer than "
+                    f"build_timeout_s={spec.build_timeout_s:g} ([environment].build_timeout_sec "
+                    "in task.toml); raise it, or build the image beforehand"
+                )
+                raise SandboxBuildError(self._timed_out[tag]) from None
+            self.builds += 1
         return tag
 
     def _has_image(self, image: str) -> bool:
@@ -359,10 +374,10 @@ class DockerSandbox:
         binds: dict[str, dict[str, str]] = {}
         if self._mode == "spawner":
             parent = control_root()
-            parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(parent, exist_ok=True)
             self._home = parent / f"docker-{slug}-{os.getpid()}-{secrets.token_hex(4)}"
             control = self._home / "ctl"
-            control.mkdir(parents=True, mode=0o755)
+            make_dirs(control)
             (self._home / OWNER_FILE).write_text(json.dumps({"pid": os.getpid()}))
             os.mkfifo(control / "requests", 0o600)
             self._request_fd = os.open(control / "requests", os.O_RDWR | os.O_NONBLOCK)
@@ -471,6 +486,7 @@ class DockerSandbox:
         persist: bool,
     ) -> ExecResult:
         import docker
+        import requests
 
         exec_id = secrets.token_hex(8)
         argv = bash_argv(command, cwd, env, self.spec.workdir, self._start_env, persist)
@@ -496,11 +512,13 @@ class DockerSandbox:
                     f"sandbox {self.spec.name!r}: its container is gone ({exc})"
                 ) from exc
             except docker.errors.APIError as exc:
-                if "is not running" in str(exc):
-                    raise SandboxDeadError(
-                        f"sandbox {self.spec.name!r}: its container stopped ({exc})"
-                    ) from exc
-                raise
+                what = "its container stopped" if "is not running" in str(exc) else "exec failed"
+                raise SandboxDeadError(f"sandbox {self.spec.name!r}: {what} ({exc})") from exc
+            except (docker.errors.DockerException, requests.RequestException) as exc:
+                raise SandboxDeadError(
+                    f"sandbox {self.spec.name!r}: the docker daemon did not answer "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
             finally:
                 finished.set()
 
@@ -617,6 +635,7 @@ class DockerSandbox:
 
     async def _put(self, local: Path, remote: str) -> None:
         import docker
+        import requests
 
         if self._closed or self.container_id is None:
             raise SandboxDeadError(f"sandbox {self.spec.name!r} is closed")
@@ -630,7 +649,7 @@ class DockerSandbox:
             ok = await anyio.to_thread.run_sync(
                 self._api.put_archive, self.container_id, "/", archive.getvalue()
             )
-        except docker.errors.APIError as exc:
+        except (docker.errors.DockerException, requests.RequestException) as exc:
             raise SandboxFileError(
                 f"sandbox {self.spec.name!r}: upload {local} to {remote} failed: {exc}"
             ) from exc
@@ -639,6 +658,7 @@ class DockerSandbox:
 
     async def _get(self, remote: str) -> bytes:
         import docker
+        import requests
 
         if self._closed or self.container_id is None:
             raise SandboxDeadError(f"sandbox {self.spec.name!r} is closed")
@@ -653,7 +673,7 @@ class DockerSandbox:
             raise SandboxFileError(
                 f"sandbox {self.spec.name!r}: {remote} does not exist in the container"
             ) from exc
-        except docker.errors.APIError as exc:
+        except (docker.errors.DockerException, requests.RequestException) as exc:
             raise SandboxFileError(
                 f"sandbox {self.spec.name!r}: download {remote} failed: {exc}"
             ) from exc

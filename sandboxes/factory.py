@@ -118,8 +118,8 @@ def spec_from_harbor_config(
         if mode == NetworkMode.ALLOWLIST:
             raise SandboxError(
                 f"task {name!r}: network_mode='allowlist' ({', '.join(config.allowed_hosts or [])})"
-                " cannot be enforced by the local or docker backends; use a Harbor environment "
-                "that supports allowlists (backend=harbor:<type>)"
+                " cannot be enforced here (a sandbox has no network or all of it); set "
+                "network_mode to 'public' or 'no-network' in its task.toml"
             )
         network = mode == NetworkMode.PUBLIC and "network_mode" in config.model_fields_set
     environment_dir = Path(environment_dir) if environment_dir is not None else None
@@ -141,10 +141,20 @@ def spec_from_harbor_config(
 
 
 def _dockerfile_workdir(environment_dir: Path | None) -> str | None:
+    """The Dockerfile's last WORKDIR, with ``ENV``/``ARG`` values substituted as the local
+    backend's parser does; for what it refuses (multi-stage builds: docker only), the last
+    stage's literal WORKDIR, or None when it names a variable."""
     if environment_dir is None or not (environment_dir / "Dockerfile").is_file():
         return None
-    from sandboxes.dockerfile import read_instructions
+    from sandboxes.dockerfile import Workdir, parse, read_instructions
 
+    try:
+        steps = parse(environment_dir / "Dockerfile", environment_dir)
+    except (OSError, SandboxError):
+        pass
+    else:
+        workdirs = [step.path for step in steps if isinstance(step, Workdir)]
+        return workdirs[-1] if workdirs else None
     workdir: str | None = None
     try:
         for instruction in read_instructions(environment_dir / "Dockerfile"):

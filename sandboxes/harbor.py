@@ -9,7 +9,7 @@ its ``exec``/``upload_*``/``download_*``. Commands run under ``sandboxes.shell``
 killed with a second exec, whatever the provider does on its own timeouts.
 
 **Apprentice backends as Harbor environments** (``ApprenticeLocalEnvironment``,
-``ApprenticeDockerEnvironment``): ``harbor run --env-import-path
+``ApprenticeDockerEnvironment``): ``harbor run --env
 sandboxes.harbor:ApprenticeDockerEnvironment`` (or ``EnvironmentConfig(import_path=...)``) runs
 Harbor's own trials, agents and verifier on our sandboxes. They behave like Harbor's stateless
 environments: each ``exec`` starts in the task's workdir, and ``timeout_sec`` expiring raises
@@ -25,6 +25,8 @@ import secrets
 import shlex
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -38,7 +40,8 @@ from harbor.environments.capabilities import (
 from harbor.models.task.config import EnvironmentConfig, NetworkMode, NetworkPolicy
 from harbor.models.trial.paths import TrialPaths
 
-from sandboxes.errors import SandboxDeadError, SandboxError, SandboxStartError
+from sandboxes import cleanup
+from sandboxes.errors import SandboxDeadError, SandboxError, SandboxFileError, SandboxStartError
 from sandboxes.output import CappedOutput
 from sandboxes.shell import EXEC_MARKER, KILL_MARKED, bash_argv
 from sandboxes.types import ExecResult, Sandbox, SandboxSpec
@@ -170,6 +173,10 @@ class HarborSandbox:
         self.environment = environment
         self._trial_dir = trial_dir
         self._closed = False
+        # At exit or SIGTERM no ``async with`` runs: the trial folder goes, but the environment
+        # itself cannot be stopped there (its client lives on the event loop the signal
+        # interrupted); a cloud sandbox then ends at its provider's idle timeout.
+        cleanup.register(self, lambda: shutil.rmtree(trial_dir, ignore_errors=True))
 
     async def exec(
         self,
@@ -186,13 +193,14 @@ class HarborSandbox:
         provider_timeout = math.ceil(timeout + KILL_GRACE_S) if timeout else None
         started = anyio.current_time()
         result: HarborExecResult | None = None
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(timeout), self._provider("run a command"):
             result = await self.environment.exec(
                 line, env={EXEC_MARKER: exec_id}, timeout_sec=provider_timeout
             )
         duration = anyio.current_time() - started
         if result is None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            shielded = anyio.CancelScope(shield=True)
+            with shielded, anyio.move_on_after(30), self._provider("stop a timed-out command"):
                 await self.environment.exec(
                     shlex.join(["bash", "-c", KILL_MARKED, "apprentice-kill", exec_id]),
                     timeout_sec=30,
@@ -213,16 +221,35 @@ class HarborSandbox:
         )
 
     async def upload_file(self, local: Path, remote: str) -> None:
-        await self.environment.upload_file(Path(local), remote)
+        with self._provider(f"upload {local} to {remote}", SandboxFileError):
+            await self.environment.upload_file(Path(local), remote)
 
     async def upload_dir(self, local: Path, remote: str) -> None:
-        await self.environment.upload_dir(Path(local), remote)
+        with self._provider(f"upload {local} to {remote}", SandboxFileError):
+            await self.environment.upload_dir(Path(local), remote)
 
     async def download_file(self, remote: str, local: Path) -> None:
-        await self.environment.download_file(remote, Path(local))
+        with self._provider(f"download {remote} to {local}", SandboxFileError):
+            await self.environment.download_file(remote, Path(local))
 
     async def download_dir(self, remote: str, local: Path) -> None:
-        await self.environment.download_dir(remote, Path(local))
+        with self._provider(f"download {remote} to {local}", SandboxFileError):
+            await self.environment.download_dir(remote, Path(local))
+
+    @contextmanager
+    def _provider(self, what: str, error: type[SandboxError] = SandboxDeadError) -> Iterator[None]:
+        """A provider's own exception (an HTTP error, a reset connection) as a ``SandboxError``:
+        the episode is then invalid, not a tool error the model reads and is trained on."""
+        try:
+            yield
+        except SandboxError:
+            raise
+        except Exception as exc:
+            kind = type(self.environment).__name__
+            raise error(
+                f"sandbox {self.spec.name!r}: Harbor environment {kind} could not {what}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     async def close(self) -> None:
         if self._closed:
@@ -232,6 +259,7 @@ class HarborSandbox:
             try:
                 await self.environment.stop(delete=True)
             finally:
+                cleanup.unregister(self)
                 shutil.rmtree(self._trial_dir, ignore_errors=True)
 
     async def __aenter__(self) -> Self:

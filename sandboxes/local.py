@@ -58,6 +58,7 @@ from sandboxes.errors import (
     SandboxStartError,
     UnsupportedDockerfileError,
 )
+from sandboxes.hostfs import make_dirs
 from sandboxes.procs import kill_namespace, pid_namespace
 from sandboxes.shell import CONTROL_DIR, spawner_argv
 from sandboxes.types import ExecResult, SandboxSpec
@@ -199,7 +200,7 @@ class LocalSandbox:
             )
         steps = _plan(spec)
         root = root or default_root()
-        root.mkdir(parents=True, exist_ok=True)
+        make_dirs(root, exist_ok=True)
         uid = 1_000_000_000 + secrets.randbelow(1_000_000_000) if os.geteuid() == 0 else None
         if uid is not None:
             _check_reachable(root, spec.name)
@@ -219,10 +220,10 @@ class LocalSandbox:
 
     def _prepare_dirs(self, steps: list[dockerfile.Step]) -> None:
         layout, spec = self._layout, self.spec
-        layout.home.mkdir(mode=0o755)
+        make_dirs(layout.home)
         self._write_owner()
-        layout.control.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        layout.control.mkdir(mode=0o755)
+        make_dirs(layout.control.parent, exist_ok=True)
+        make_dirs(layout.control)
         for inside in PRIVATE:
             layout.add(inside)
         wanted: list[tuple[str, int | None]] = [(spec.workdir, None)]
@@ -245,9 +246,7 @@ class LocalSandbox:
                 raise UnsupportedDockerfileError(self._dockerfile, line, f"it writes to {where}")
             layout.add(top)
         for inside, host in layout.private.items():
-            host.mkdir(parents=True, mode=0o1777 if inside == "/tmp" else 0o755)
-            if inside == "/tmp":
-                host.chmod(0o1777)
+            make_dirs(host, 0o1777 if inside == "/tmp" else 0o755)
             self._own(host)
         for sub in ("/logs/agent", "/logs/verifier", spec.workdir):
             inside = layout.root_of(sub)
@@ -257,7 +256,7 @@ class LocalSandbox:
             for part in PurePosixPath(sub).relative_to(inside).parts:
                 path = path / part
                 if not path.exists():
-                    path.mkdir()
+                    make_dirs(path)
                     self._own(path)
 
     def _write_owner(self) -> None:
@@ -340,7 +339,15 @@ class LocalSandbox:
             )
         self._init_pid = int(info["child-pid"])
         self._write_owner()
-        self._enter_cgroup(self._init_pid)
+        try:
+            self._enter_cgroup(self._init_pid)
+        except ProcessLookupError:  # pid 1 failed right after bwrap reported it: say why
+            with anyio.move_on_after(5):
+                await self._process.wait()
+            raise SandboxStartError(
+                f"sandbox {spec.name!r}: bubblewrap's pid 1 exited right after starting: "
+                f"{log_path.read_text(errors='replace').strip() or 'no message'}"
+            ) from None
         self._channel = SpawnerChannel(
             sandbox_name=spec.name,
             control_dir=self._layout.control,

@@ -3,15 +3,16 @@
 What Harbor 0.24's verifier does, and what we do (``docs/harbor.md`` lists where we are
 stricter):
 
-0. The shell state the sandbox keeps between commands (``cd``, ``export``) is reset to the
+0. Processes the agent left running are stopped (``stop_agent_processes``), so a background
+   loop cannot undo steps 1 and 2: write its variables back into the saved shell state, or
+   rewrite the reward file.
+1. The shell state the sandbox keeps between commands (``cd``, ``export``) is reset to the
    sandbox's start state, so test.sh runs in the environment's own workdir and variables, as
    in Harbor (whose ``exec`` keeps no state), never with an agent's ``PATH`` or ``LD_PRELOAD``.
-1. ``/logs/verifier`` and ``/tests`` are emptied (a symlink or file in their place is removed)
+2. ``/logs/verifier`` and ``/tests`` are emptied (a symlink or file in their place is removed)
    and ``/logs/verifier`` is made world-writable. Harbor does this before every verifier pass
    in separate and multi-step mode; we do it in shared mode too, so a reward file the agent
    wrote itself can never be read as the verifier's.
-2. Processes the agent left running are stopped (``stop_agent_processes``), so a background
-   loop cannot rewrite the reward file after step 1.
 3. ``tests/`` is uploaded (binary-safe) to ``/tests``; ``test.sh`` is made executable and run
    as ``(/tests/test.sh) > /logs/verifier/test-stdout.txt 2>&1`` with ``[verifier].env``,
    under ``[verifier].timeout_sec``. The exit code is ignored.
@@ -41,6 +42,7 @@ from harbor.utils.env import resolve_env_vars
 
 from envs.errors import GradingError
 from envs.harbor.tasks import HarborTask
+from sandboxes.errors import SandboxError
 from sandboxes.shell import STATE_DIR
 from sandboxes.types import ExecResult, Sandbox, SandboxFactory
 from tool_use.errors import EnvironmentFailure
@@ -103,9 +105,10 @@ class HarborGrader:
         if self.task.verifier_mode == VerifierEnvironmentMode.SEPARATE:
             rewards, output = await self._grade_separately(sandbox)
         else:
-            await self._reset_session(sandbox)
             if self.stop_agent_processes:
                 await self._stop_agent_processes(sandbox)
+            # after the stop: a process of the agent's could otherwise write its state back
+            await self._reset_session(sandbox)
             rewards, output = await self._verify(sandbox, upload_tests=True)
         return GradeResult(
             reward=scalar_reward(rewards, self.task.name, output),
@@ -204,26 +207,18 @@ class HarborGrader:
                 "the verifier runs in a separate environment but the grader has no sandbox "
                 "factory to build it",
             )
-        spec = spec_from_harbor_config(
-            f"{task.name}-verifier", definition.directory, definition.config
-        )
         try:
+            spec = spec_from_harbor_config(
+                f"{task.name}-verifier", definition.directory, definition.config
+            )
             verifier_sandbox = await self.factory.create(spec)
-        except EnvironmentFailure:
-            raise
-        except Exception as exc:
-            raise GradingError(
-                task.name,
-                f"could not create the verifier environment from {definition.directory}: {exc}",
+        except SandboxError as exc:  # an image that does not build, a daemon that is gone
+            raise EnvironmentFailure(
+                f"task {task.name!r}: could not create the verifier environment from "
+                f"{definition.directory}: {exc}",
+                kind="sandbox",
             ) from exc
         try:
-            reset = await _run(verifier_sandbox, _reset_dirs_command([VERIFIER_DIR]), task)
-            if not reset.ok:
-                raise GradingError(
-                    task.name,
-                    f"could not reset {VERIFIER_DIR} in the verifier environment: "
-                    f"{_describe(reset)}",
-                )
             await self._copy_artifacts(agent_sandbox, verifier_sandbox)
             return await self._verify(verifier_sandbox, upload_tests=not definition.bundled_tests)
         finally:

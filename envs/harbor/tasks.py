@@ -35,6 +35,8 @@ from harbor.models.task.verifier_mode import (
 from pydantic import ValidationError
 
 from envs.errors import TaskLoadError, TaskSplitError
+from sandboxes.errors import SandboxError
+from sandboxes.factory import spec_from_harbor_config
 
 SUITE_DIR = Path(__file__).parent / "suite"
 """The bundled task suite (ships with the package)."""
@@ -131,14 +133,17 @@ def load_task(path: str | Path) -> HarborTask:
 def load_tasks(*sources: str | Path) -> list[HarborTask]:
     """Load every task of every source (see the module docstring), in a stable order.
 
-    All broken tasks are reported together; two tasks with the same name are an error."""
+    All broken tasks are reported together; two tasks with the same name are an error, and a
+    task directory that several sources reach (``bundled bundled:train``) is loaded once, so
+    it does not weigh double in training."""
     if not sources:
         raise TaskLoadError({Path.cwd(): "no task source given"})
-    tasks: list[HarborTask] = []
+    tasks: dict[Path, HarborTask] = {}
     for source in sources:
-        tasks.extend(_load_source(source))
-    _check_unique_names(tasks)
-    return tasks
+        for task in _load_source(source):
+            tasks.setdefault(task.path, task)
+    _check_unique_names(tasks.values())
+    return list(tasks.values())
 
 
 def load_registry(path: str | Path, dataset: str | None = None) -> list[HarborTask]:
@@ -166,11 +171,12 @@ def load_registry(path: str | Path, dataset: str | None = None) -> list[HarborTa
     tasks: list[HarborTask] = []
     for spec in specs:
         for entry in spec.tasks:
-            if entry.git_url is not None:
-                problems[path] = (
+            if entry.git_url is not None:  # one line per task, all under the registry file
+                hosted = (
                     f"task {entry.name!r} of dataset {spec.name!r} is hosted at {entry.git_url}; "
                     "download it first (harbor download) and load the local folder"
                 )
+                problems[path] = f"{problems[path]}; {hosted}" if path in problems else hosted
                 continue
             task_dir = entry.path if entry.path.is_absolute() else path.parent / entry.path
             result = _task_problem(task_dir.resolve())
@@ -310,6 +316,10 @@ def _task_problem(path: Path) -> HarborTask | str:
             "no environment: expected environment/Dockerfile, environment/docker-compose.yaml "
             "or [environment].docker_image in task.toml"
         )
+    try:  # what no sandbox here can give (GPUs, a network allowlist): now, not hours in
+        spec_from_harbor_config(task.name, env_dir, config.environment)
+    except SandboxError as exc:
+        return str(exc).removeprefix(f"task {task.name!r}").lstrip(": ")
     return HarborTask(task)
 
 

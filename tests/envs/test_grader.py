@@ -13,7 +13,9 @@ from envs.errors import GradingError
 from envs.harbor.grader import GradeResult, HarborGrader
 from envs.harbor.tasks import load_task
 from sandboxes.factory import make_factory, spec_from_harbor_config
+from sandboxes.shell import STATE_DIR
 from sandboxes.testing import require_bwrap
+from tool_use.errors import EnvironmentFailure
 
 pytestmark = pytest.mark.anyio
 
@@ -225,6 +227,23 @@ async def test_shell_state_left_by_the_agent_does_not_reach_the_tests(factory, m
     assert result.reward == 0.5
 
 
+async def test_a_background_process_cannot_restore_the_shell_state_after_the_reset(
+    factory, make_task
+):
+    """The agent's processes are stopped before the shell state is reset: a loop that keeps
+    writing its variables into the saved state cannot get them to test.sh."""
+    state = f"{STATE_DIR}/env"
+    forge = f"cp /tmp/base {state}.new && mv {state}.new {state}"  # always a whole state file
+    agent = [
+        "export -p > /tmp/base; echo 'declare -x FORGED=\"1\"' >> /tmp/base",
+        f"nohup bash -c 'while :; do {forge}; done' >/dev/null 2>&1 & sleep 0.2",
+    ]
+    body = "echo ${FORGED:-0} > /logs/verifier/reward.txt"
+    for attempt in range(3):
+        task = make_task(f"forge{attempt}", test_sh=script(body))
+        assert (await grade(factory, task, agent)).reward == 0.0
+
+
 # ---- separate verifier environment ------------------------------------------------------
 
 
@@ -251,6 +270,16 @@ async def test_separate_verifier_with_bundled_tests_image(factory, make_task):
     assert (await grade(factory, solved, agent)).reward == 1.0
     idle = make_task("idle", task_toml=separate, test_sh=decoy, files=files)
     assert (await grade(factory, idle)).reward == 0.0
+
+
+async def test_a_verifier_environment_that_does_not_build_is_a_sandbox_failure(factory, make_task):
+    """The tests never ran: not a grading error (a task whose tests give no reward)."""
+    files = {"tests/Dockerfile": "FROM debian:bookworm-slim\nRUN exit 3\n"}
+    separate = '[verifier]\nenvironment_mode = "separate"\n'
+    task = make_task("unbuildable-verifier", task_toml=separate, files=files)
+    with pytest.raises(EnvironmentFailure, match="could not create the verifier environment") as e:
+        await grade(factory, task)
+    assert e.value.kind == "sandbox" and not isinstance(e.value, GradingError)
 
 
 async def test_separate_verifier_from_the_task_environment_gets_artifacts_and_tests(

@@ -160,15 +160,7 @@ def test_ctrl_c_stops_the_check_in_one_line_with_exit_130(tmp_path, make_task):
     require_bwrap()
     slow = make_task("slow", solve_sh="#!/bin/bash\nsleep 60\n")
     output = tmp_path / "out.json"
-    child = subprocess.Popen(
-        [sys.executable, "-m", "recipes.harbor.check", str(slow), f"output={output}"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # Ctrl-C as at a terminal, also when pytest runs in the background (SIGINT ignored)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    child = start_check(str(slow), f"output={output}")
     deadline = time.monotonic() + 120
     while not children(child.pid):  # the sandbox is up: the oracle is running
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()
@@ -187,15 +179,7 @@ def test_ctrl_c_keeps_the_results_of_the_tasks_that_finished(tmp_path, make_task
     quick = make_task("a-quick")
     slow = make_task("b-slow", solve_sh="#!/bin/bash\nsleep 617\n")
     output = tmp_path / "out.json"
-    arguments = [str(quick), str(slow), "concurrency=1", f"output={output}"]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "recipes.harbor.check", *arguments],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    child = start_check(str(quick), str(slow), "concurrency=1", f"output={output}")
     deadline = time.monotonic() + 120
     while not running("sleep 617"):  # the quick task is graded, the slow one's oracle runs
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()
@@ -207,6 +191,18 @@ def test_ctrl_c_keeps_the_results_of_the_tasks_that_finished(tmp_path, make_task
     [result] = json.loads(output.read_text())
     assert (result["task"], result["reward"]) == ("a-quick", 1.0)
     assert not running("sleep 617")
+
+
+def start_check(*arguments: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "recipes.harbor.check", *arguments],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as at a terminal, also when pytest runs in the background (SIGINT ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def running(command: str) -> bool:

@@ -92,6 +92,11 @@ def test_task_without_solution_has_no_reference(make_task):
             {"task_toml": '[[steps]]\nname = "one"\n', "files": {"steps/one/instruction.md": "x"}},
             "multi-step tasks",
         ),
+        ({"task_toml": "[environment]\ngpus = 1\n"}, "needs 1 GPU(s); no backend here has GPUs"),
+        (
+            {"task_toml": '[environment]\nnetwork_mode = "allowlist"\nallowed_hosts = ["x.org"]\n'},
+            "network_mode='allowlist' (x.org) cannot be enforced here",
+        ),
     ],
 )
 def test_broken_task_fails_at_load_with_path_and_reason(make_task, kwargs, problem):
@@ -135,6 +140,13 @@ def test_empty_dataset_folder_is_an_error(tmp_path):
         load_dataset(tmp_path / "empty")
 
 
+def test_a_task_reached_through_two_sources_is_loaded_once(make_task, tmp_path):
+    one = make_task("one")
+    make_task("two")
+    tasks = load_tasks(tmp_path / "tasks", one)
+    assert [t.name for t in tasks] == ["one", "two"]
+
+
 def test_duplicate_task_names_are_an_error(make_task, tmp_path):
     one = make_task("one", task_toml='[task]\nname = "acme/same"\n')
     two = make_task("two", task_toml='[task]\nname = "acme/same"\n')
@@ -171,13 +183,14 @@ def test_registry_errors_name_the_problem(make_task, tmp_path):
             {"name": "alpha", "path": "tasks/alpha"},
             {"name": "gone", "path": "tasks/gone"},
             {"name": "remote", "path": "x", "git_url": "https://example.invalid/r.git"},
+            {"name": "remote2", "path": "y", "git_url": "https://example.invalid/s.git"},
         ],
     )
     with pytest.raises(TaskLoadError) as info:
         load_registry(registry)
     text = str(info.value)
     assert "(registry task 'gone') does not exist" in text
-    assert "download it first" in text
+    assert "task 'remote' of dataset" in text and "task 'remote2' of dataset" in text
     with pytest.raises(TaskLoadError, match=r"no dataset 'other' in the registry \(has: local"):
         load_registry(registry, "other")
     (tmp_path / "bad.json").write_text('{"not": "a list"}')

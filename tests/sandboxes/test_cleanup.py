@@ -34,6 +34,12 @@ async def main(backend, mode):
         from sandboxes.local import LocalFactory
         sandbox = await LocalFactory().create(SandboxSpec(name="orphan"))
         info = {"home": str(sandbox._layout.home), "init_pid": sandbox._init_pid}
+    elif backend == "harbor":
+        from sandboxes.harbor import ApprenticeLocalEnvironment, HarborFactory
+
+        spec = SandboxSpec(name="orphan", docker_image="debian:bookworm-slim")
+        sandbox = await HarborFactory(ApprenticeLocalEnvironment).create(spec)
+        info = {"trial": str(sandbox._trial_dir)}
     else:
         from sandboxes.docker import DockerFactory
         sandbox = await DockerFactory(exec_mode=mode).create(SandboxSpec(name="orphan"))
@@ -130,6 +136,14 @@ async def test_sigterm_and_ctrl_c_clean_up_before_exiting(
     assert not _container_exists(api, docker_info["container"])
     assert not Path(local_info["home"]).exists()
     assert wait_until(lambda: not _alive(local_info["init_pid"]))
+
+
+@pytest.mark.bwrap
+async def test_sigterm_removes_a_harbor_environments_trial_folder(bwrap: None) -> None:
+    child, info = spawn_owner("harbor")
+    assert Path(info["trial"]).is_dir()
+    kill(child, signal.SIGTERM)
+    assert not Path(info["trial"]).exists()
 
 
 @pytest.mark.docker

@@ -209,3 +209,31 @@ async def test_docker_build_failure_shows_the_build_log(docker_factory, tmp_path
         await docker_factory.create(SandboxSpec(name="broken", environment_dir=environment))
     message = str(caught.value)
     assert "broken" in message and "non-zero code: 3" in message and "about-to-fail" in message
+
+
+@pytest.mark.docker
+async def test_a_docker_build_past_its_timeout_is_a_build_error_and_not_built_twice(
+    docker_factory, tmp_path: Path
+) -> None:
+    environment = tmp_path / "environment"
+    environment.mkdir()
+    (environment / "Dockerfile").write_text(
+        f"FROM debian:bookworm-slim\nRUN sleep 6 && echo {tmp_path.name} > /built\n"
+    )
+    spec = SandboxSpec(name="slow-build", environment_dir=environment, build_timeout_s=1)
+    builds = docker_factory.builds
+    for _ in range(2):  # the second fails at once: the first build may still be running
+        with pytest.raises(SandboxBuildError, match=r"took longer than build_timeout_s=1 \("):
+            await docker_factory.create(spec)
+    assert docker_factory.builds == builds
+    # the abandoned build finishes on its own; then its image serves the next create
+    tag = next(iter(docker_factory._timed_out))
+    for _ in range(120):
+        if docker_factory._has_image(tag):
+            break
+        await anyio.sleep(0.5)
+    try:
+        async with await docker_factory.create(spec) as sandbox:
+            assert (await sandbox.exec("cat /built")).stdout == f"{tmp_path.name}\n"
+    finally:
+        docker_factory.api.remove_image(tag, force=True)

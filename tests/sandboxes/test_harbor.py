@@ -13,9 +13,9 @@ from harbor.models.trial.config import AgentConfig, EnvironmentConfig, TrialConf
 from harbor.models.trial.config import TaskConfig as TrialTaskConfig
 from harbor.trial.trial import Trial
 
-from sandboxes.errors import SandboxError
+from sandboxes.errors import SandboxDeadError, SandboxError, SandboxFileError
 from sandboxes.factory import check_backend_name, make_factory, spec_from_harbor_config
-from sandboxes.harbor import HarborSandbox
+from sandboxes.harbor import ApprenticeLocalEnvironment, HarborFactory, HarborSandbox
 from sandboxes.types import SandboxSpec
 
 from .conftest import FIXTURES
@@ -80,6 +80,38 @@ async def test_a_harbor_environment_class_as_an_apprentice_sandbox(
         await sandbox.upload_file(tmp_path / "in.bin", "/tmp/in.bin")
         await sandbox.download_file("/tmp/in.bin", tmp_path / "out.bin")
         assert (tmp_path / "out.bin").read_bytes() == bytes(range(256))
+
+
+class LosesItsConnection(ApprenticeLocalEnvironment):
+    """A provider whose API drops the connection once started (a cloud hiccup)."""
+
+    broken = False
+
+    async def exec(self, command, cwd=None, env=None, timeout_sec=None, user=None):
+        if self.broken:
+            raise ConnectionError("provider API: connection reset by peer")
+        return await super().exec(command, cwd, env, timeout_sec, user)
+
+    async def upload_file(self, source_path, target_path):
+        if self.broken:
+            raise ConnectionError("provider API: connection reset by peer")
+        return await super().upload_file(source_path, target_path)
+
+
+@pytest.mark.bwrap
+async def test_a_providers_own_errors_are_sandbox_errors(bwrap: None, tmp_path: Path) -> None:
+    """Not a tool error the model would read (and be trained on): the episode is invalid."""
+    factory = HarborFactory(LosesItsConnection)
+    spec = SandboxSpec(name="flaky", environment_dir=TASK / "environment")
+    async with await factory.create(spec) as sandbox:
+        assert (await sandbox.exec("echo hi")).stdout == "hi\n"
+        sandbox.environment.broken = True
+        with pytest.raises(SandboxDeadError, match="could not run a command: ConnectionError"):
+            await sandbox.exec("echo hi")
+        (tmp_path / "a.txt").write_text("a")
+        with pytest.raises(SandboxFileError, match=r"could not upload .*a\.txt to /tmp/a\.txt"):
+            await sandbox.upload_file(tmp_path / "a.txt", "/tmp/a.txt")
+        sandbox.environment.broken = False
 
 
 def test_unknown_harbor_type_fails_when_the_factory_is_made_listing_the_choices() -> None:
@@ -152,6 +184,22 @@ def test_workdir_and_image_settings(tmp_path: Path) -> None:
     )
     assert (spec.docker_image, spec.workdir) == ("img:1", "/w")
     assert spec_from_harbor_config("t", tmp_path, None).workdir == "/app"
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "workdir"),
+    [
+        ("FROM debian:bookworm-slim\nWORKDIR /srv\nWORKDIR app\n", "/srv/app"),
+        ("FROM debian:bookworm-slim\nENV APP=/srv/app\nWORKDIR $APP\n", "/srv/app"),
+        ("FROM debian:bookworm-slim\nARG BASE=/opt\nWORKDIR ${BASE}/x\n", "/opt/x"),
+        # multi-stage (docker backend only): the last stage's WORKDIR
+        ("FROM a AS b\nWORKDIR /one\nFROM debian:bookworm-slim\nWORKDIR /two\n", "/two"),
+        ("FROM debian:bookworm-slim\n", "/app"),
+    ],
+)
+def test_the_workdir_is_the_dockerfiles_last(tmp_path: Path, dockerfile: str, workdir: str) -> None:
+    (tmp_path / "Dockerfile").write_text(dockerfile)
+    assert spec_from_harbor_config("t", tmp_path, None).workdir == workdir
 
 
 def test_settings_no_backend_can_honour_are_refused() -> None:

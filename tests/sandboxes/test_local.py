@@ -5,6 +5,7 @@ default. Also its CPU-time limit (``RLIMIT_CPU`` on pid 1, inherited by every co
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -118,3 +119,18 @@ async def test_a_busy_loop_dies_at_its_cpu_time_limit(local_factory: LocalFactor
         assert spin.exit_code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL), spin
         # the limit is per process: the sandbox itself lives on
         assert (await sandbox.exec("echo alive")).stdout == "alive\n"
+
+
+async def test_sandboxes_start_under_a_restrictive_umask(tmp_path: Path) -> None:
+    """Root with umask 077: the folders the sandbox's own uid enters must not come out 0700."""
+    root = Path("/tmp") / f"apprentice-umask-{os.getpid()}-{tmp_path.name}"
+    previous = os.umask(0o077)
+    try:
+        factory = LocalFactory(root=root)
+        async with await factory.create(SandboxSpec(name="umask")) as sandbox:
+            os.umask(previous)
+            result = await sandbox.exec("echo hi > out.txt && cat out.txt && pwd")
+            assert result.stdout == "hi\n/app\n", result
+    finally:
+        os.umask(previous)
+        shutil.rmtree(root, ignore_errors=True)
