@@ -320,6 +320,8 @@ def _task_problem(path: Path) -> HarborTask | str:
         spec_from_harbor_config(task.name, env_dir, config.environment)
     except SandboxError as exc:
         return str(exc).removeprefix(f"task {task.name!r}").lstrip(": ")
+    except ValueError as exc:  # ${VAR} with no default and no such host variable
+        return f"[environment].env: {_one_line(exc)}"
     return HarborTask(task)
 
 

@@ -94,6 +94,10 @@ def test_task_without_solution_has_no_reference(make_task):
         ),
         ({"task_toml": "[environment]\ngpus = 1\n"}, "needs 1 GPU(s); no backend here has GPUs"),
         (
+            {"task_toml": '[environment]\nenv = { A = "${APPRENTICE_UNSET_VAR}" }\n'},
+            "[environment].env: Environment variable 'APPRENTICE_UNSET_VAR' not found",
+        ),
+        (
             {"task_toml": '[environment]\nnetwork_mode = "allowlist"\nallowed_hosts = ["x.org"]\n'},
             "network_mode='allowlist' (x.org) cannot be enforced here",
         ),
