@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandboxes.procs import pid_exists
+
 CONTROLLERS = ("pids", "memory", "cpu")
 GROUP = "apprentice"
 
@@ -159,21 +161,11 @@ def reap_stale() -> int:
         with contextlib.suppress(OSError):
             for entry in parent.iterdir():
                 owner = entry.name.rsplit("-", 1)[-1]
-                if entry.is_dir() and owner.isdigit() and not _pid_alive(int(owner)):
+                if entry.is_dir() and owner.isdigit() and not pid_exists(int(owner)):
                     with contextlib.suppress(OSError):
                         entry.rmdir()
                         removed += 1
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _ensure_dir(path: Path) -> bool:

@@ -34,12 +34,12 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Self
@@ -57,7 +57,7 @@ from sandboxes.errors import (
     SandboxFileError,
     SandboxStartError,
 )
-from sandboxes.hostfs import make_dirs
+from sandboxes.hostfs import host_tar_filter, make_dirs
 from sandboxes.local import OWNER_FILE, control_root, default_root, reap_leftovers
 from sandboxes.output import CappedOutput
 from sandboxes.procs import kill_command, pid_namespace
@@ -343,7 +343,7 @@ class DockerSandbox:
             # first command: proves the spawner answers and creates the standard dirs
             ready = await sandbox.exec(
                 "mkdir -p /logs/agent /logs/verifier /tests /solution "
-                f"{_q(spec.workdir)} && cd {_q(spec.workdir)}",
+                f"{shlex.quote(spec.workdir)} && cd {shlex.quote(spec.workdir)}",
                 timeout=60,
             )
             if not ready.ok:
@@ -595,7 +595,7 @@ class DockerSandbox:
                     continue
                 member.name = str(PurePosixPath(*parts))
                 members.append(member)
-            tar.extractall(local, members=members, filter=_host_filter)
+            tar.extractall(local, members=members, filter=host_tar_filter)
 
     async def close(self) -> None:
         if self._closed:
@@ -665,7 +665,7 @@ class DockerSandbox:
 
         def get() -> bytes:
             stream, _ = self._api.get_archive(self.container_id, remote)
-            return b"".join(_chunks(stream))
+            return b"".join(stream)
 
         try:
             return await anyio.to_thread.run_sync(get)
@@ -691,23 +691,7 @@ def _local_pid_namespace(info: dict) -> str | None:
     return pid_namespace(pid) if info["Id"] in cgroups else None
 
 
-def _chunks(stream: Any) -> Iterator[bytes]:
-    yield from stream
-
-
 def _as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = "root"
     return info
-
-
-def _host_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-    if member.isdev():
-        return None
-    return tarfile.data_filter(member, dest)
-
-
-def _q(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)

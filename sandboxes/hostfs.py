@@ -8,6 +8,7 @@ the sandbox could not enter them. These helpers set the mode explicitly instead.
 from __future__ import annotations
 
 import os
+import tarfile
 from pathlib import Path
 
 
@@ -28,3 +29,11 @@ def make_dirs(path: Path, mode: int = 0o755, *, exist_ok: bool = False) -> None:
                 raise
             continue
         os.chmod(folder, mode)
+
+
+def host_tar_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """Extracting a sandbox's tar onto the host: the ``data`` filter (no links out of ``dest``,
+    no setuid bits), skipping device nodes and FIFOs instead of failing on them."""
+    if member.isdev():
+        return None
+    return tarfile.data_filter(member, dest)

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -58,8 +59,8 @@ from sandboxes.errors import (
     SandboxStartError,
     UnsupportedDockerfileError,
 )
-from sandboxes.hostfs import make_dirs
-from sandboxes.procs import kill_namespace, pid_namespace
+from sandboxes.hostfs import host_tar_filter, make_dirs
+from sandboxes.procs import kill_namespace, pid_exists, pid_namespace
 from sandboxes.shell import CONTROL_DIR, spawner_argv
 from sandboxes.types import ExecResult, SandboxSpec
 
@@ -400,12 +401,10 @@ class LocalSandbox:
                     f"build_timeout_s={spec.build_timeout_s}"
                 )
             if isinstance(step, dockerfile.Workdir):
-                await self._build_step(
-                    step, f"mkdir -p -- {_q(step.path)} && cd -- {_q(step.path)}"
-                )
+                await self._build_step(step, _enter(step.path))
                 last_workdir = step.path
             elif isinstance(step, dockerfile.Env):
-                exports = " ".join(_q(f"{k}={v}") for k, v in step.values.items())
+                exports = " ".join(shlex.quote(f"{k}={v}") for k, v in step.values.items())
                 await self._build_step(step, f"export -- {exports}")
             elif isinstance(step, dockerfile.Copy):
                 await self._copy(step)
@@ -420,9 +419,7 @@ class LocalSandbox:
                     continue
                 await self._build_step(step, step.command, env=step.build_env, timeout=remaining)
         if last_workdir != spec.workdir and (steps or spec.workdir != "/app"):
-            await self._build_step(
-                None, f"mkdir -p -- {_q(spec.workdir)} && cd -- {_q(spec.workdir)}"
-            )
+            await self._build_step(None, _enter(spec.workdir))
 
     async def _build_step(
         self,
@@ -465,17 +462,13 @@ class LocalSandbox:
                     tar.add(source, arcname=source.name, filter=_mode_filter(step.chmod))
         if step.extract:
             data = step.sources[0].read_bytes()
-            command = (
-                f'mkdir -p -- {_q(step.dest)} && tar -x --no-same-owner -f "$in" -C {_q(step.dest)}'
-            )
+            command = _unpack(step.dest)
         elif step.dest_is_dir:
             data = archive.getvalue()
-            command = (
-                f'mkdir -p -- {_q(step.dest)} && tar -x --no-same-owner -f "$in" -C {_q(step.dest)}'
-            )
+            command = _unpack(step.dest)
         else:
             data = archive.getvalue()
-            dest = _q(step.dest)
+            dest = shlex.quote(step.dest)
             command = (
                 f'if [ -d {dest} ]; then tar -x --no-same-owner -f "$in" -C {dest}; '
                 f'else mkdir -p -- "$(dirname -- {dest})" && tar -x -O -f "$in" > {dest}'
@@ -530,19 +523,21 @@ class LocalSandbox:
         await self._upload(local, remote)
 
     async def download_file(self, remote: str, local: Path) -> None:
-        data = await self._collect(f'cat -- {_q(remote)} > "$out"', what=f"download_file {remote}")
+        data = await self._collect(
+            f'cat -- {shlex.quote(remote)} > "$out"', what=f"download_file {remote}"
+        )
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(data)
 
     async def download_dir(self, remote: str, local: Path) -> None:
         data = await self._collect(
-            f'tar -c -f "$out" -C {_q(remote)} .', what=f"download_dir {remote}"
+            f'tar -c -f "$out" -C {shlex.quote(remote)} .', what=f"download_dir {remote}"
         )
         local = Path(local)
         local.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(local, filter=_host_filter)
+            tar.extractall(local, filter=host_tar_filter)
 
     async def close(self) -> None:
         if self._closed:
@@ -679,17 +674,14 @@ def _mode_filter(chmod: int | None):
     return apply
 
 
-def _host_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-    """The ``data`` filter, skipping device nodes and FIFOs instead of failing on them."""
-    if member.isdev():
-        return None
-    return tarfile.data_filter(member, dest)
+def _enter(path: str) -> str:
+    quoted = shlex.quote(path)
+    return f"mkdir -p -- {quoted} && cd -- {quoted}"
 
 
-def _q(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
+def _unpack(dest: str) -> str:
+    quoted = shlex.quote(dest)
+    return f'mkdir -p -- {quoted} && tar -x --no-same-owner -f "$in" -C {quoted}'
 
 
 async def _read_info(fd: int, timeout: float) -> dict | None:
@@ -729,10 +721,10 @@ def reap_leftovers(root: Path | None = None) -> int:
                 owner = json.loads((home / OWNER_FILE).read_text())
             except (OSError, ValueError):
                 continue
-            if _alive(owner.get("pid")):
+            if pid_exists(owner.get("pid")):
                 continue
             init_pid = owner.get("init_pid")
-            if init_pid and _alive(init_pid) and _is_sandbox_init(init_pid):
+            if init_pid and pid_exists(init_pid) and _is_sandbox_init(init_pid):
                 namespace = pid_namespace(init_pid)
                 if namespace is not None:
                     kill_namespace(namespace)
@@ -742,18 +734,6 @@ def reap_leftovers(root: Path | None = None) -> int:
             removed += 1
     reap_stale()
     return removed
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_sandbox_init(pid: int) -> bool:

@@ -83,6 +83,19 @@ def kill_namespace(namespace: str, spare: int | None = None, rounds: int = 50) -
                     os.kill(pid, sig)
 
 
+def pid_exists(pid: int | None) -> bool:
+    """Whether a process with this pid exists (zombies included; another user's too)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _alive(pid: int) -> bool:
     """True unless the process is gone or a zombie (a zombie is dead, just not reaped)."""
     try:
