@@ -186,6 +186,26 @@ def test_incremental_pieces_equal_the_full_render(chat_tokenizers, family, name)
         assert tokens == template_ids(tokenizer, history, TOOLS)
 
 
+def test_the_generic_renderer_renders_each_turn_once(chat_tokenizers, monkeypatch):
+    """A token env asks rewrites_history, then render_continuation: three template renders of
+    the whole history per turn, not six (each is quadratic in the episode)."""
+    tokenizer = chat_tokenizers["qwen2.5"]
+    renderer = get_renderer("template", tokenizer)
+    prompt, turns = episode("qwen2.5")
+    (message, answers), *_ = turns
+    history = [*prompt, message]
+    renders = []
+    apply = renderer.apply
+    monkeypatch.setattr(renderer, "apply", lambda *a, **k: renders.append(1) or apply(*a, **k))
+    assert not renderer.rewrites_history(history, answers, TOOLS)
+    continuation = renderer.render_continuation(history, answers, TOOLS)
+    assert len(renders) == 3
+    full = template_ids(tokenizer, [*history, *answers], TOOLS)
+    assert full[-len(continuation) :] == continuation
+    renderer.render_continuation(history, [*answers, *answers], TOOLS)  # others: rendered anew
+    assert len(renders) == 6
+
+
 def test_smollm2_chatml_incremental_equals_full(chat_tokenizers):
     """The embedded tokenizer's own pre-tokenizer: pieces split at <|im_end|> still agree."""
     tokenizer = chat_tokenizers["smollm2"]

@@ -58,6 +58,7 @@ class TemplateRenderer(Renderer):
         if isinstance(eos, int) and [eos] not in stops:
             stops.append([eos])
         self._stops = stops
+        self._last_continuation: tuple[tuple[list, list, list], str | None] | None = None
 
     def _probe_end_of_turn(self) -> str:
         """The special token the template writes right after an assistant message."""
@@ -120,6 +121,19 @@ class TemplateRenderer(Renderer):
             raise RendererError(f"the chat template of {self._where} failed: {exc}") from exc
 
     def _continuation_text(
+        self, history: Sequence[Message], new_messages: Sequence[Message], tools: Sequence[ToolSpec]
+    ) -> str | None:
+        """The text after ``history``'s last turn, or None when the template rewrites history.
+        A token env asks twice per turn (``rewrites_history``, then ``render_continuation``);
+        the last answer is kept, since each costs three renders of the whole history."""
+        key = (list(history), list(new_messages), list(tools))
+        if self._last_continuation is not None and self._last_continuation[0] == key:
+            return self._last_continuation[1]
+        text = self._render_continuation_text(history, new_messages, tools)
+        self._last_continuation = (key, text)
+        return text
+
+    def _render_continuation_text(
         self, history: Sequence[Message], new_messages: Sequence[Message], tools: Sequence[ToolSpec]
     ) -> str | None:
         before = self.apply(history[:-1], tools, generation_prompt=True)
