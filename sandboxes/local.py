@@ -482,7 +482,11 @@ class LocalSandbox:
         await self._run_with_files(
             f"in={CONTROL_DIR}/$APPRENTICE_EXEC/in.tar; {command}",
             {"in.tar": data},
-            what=f"{self._dockerfile}:{step.line}: COPY to {step.dest}",
+            what=(
+                f"{self._dockerfile}:{step.line}: COPY to {step.dest}"
+                if step.line  # line 0: a prebuilt image's loose files, no Dockerfile
+                else f"copying {step.sources[0]} into {step.dest}"
+            ),
             error=SandboxBuildError,
         )
 
