@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import inspect
 import json
 import multiprocessing
 import os
@@ -19,6 +20,8 @@ import platform
 import resource
 import sys
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -72,11 +75,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def reset_peak_rss() -> float:
+    """Reset the kernel's peak mark (VmHWM) to the resident memory now, which it returns (MB):
+    what ran before (loading a model, earlier temporaries) no longer counts."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_mb("VmRSS")
+
+
+def status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory figure (``VmHWM``, ``VmRSS``; kB) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def in_fresh_process(
@@ -84,18 +95,23 @@ def in_fresh_process(
 ) -> Any:
     """``fn(*args)`` in a new spawned interpreter, so its peak memory is its own and nothing it
     loads stays behind. ``env`` is added to the child's environment (read at its start, e.g.
-    glibc's ``MALLOC_*`` settings). ``fn`` must be importable (module level)."""
+    glibc's ``MALLOC_*`` settings). ``fn`` must be importable (module level).
+
+    The worker is not a daemon, so it may start processes of its own (vLLM's engine core); a
+    worker that dies (the OOM killer) is a ``RuntimeError`` naming ``fn``, not a hang."""
     env = dict(env or {})
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            result = pool.apply(fn, args)
-            # let the worker exit on its own: the pool's __exit__ terminates it, and a killed
-            # worker leaves the semaphores it made to the resource tracker ("leaked")
-            pool.close()
-            pool.join()
-            return result
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            try:
+                return pool.submit(fn, *args).result()
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    f"{fn.__module__}.{fn.__qualname__}: its process died before it finished "
+                    "(killed: out of memory?)"
+                ) from None
     finally:
         for key, value in saved.items():
             if value is None:
@@ -139,9 +155,45 @@ def parse_args(argv: list[str]) -> tuple[bool, dict[str, str]]:
     return quick, options
 
 
+def check_options(main: Callable[..., Any], options: Mapping[str, str]) -> None:
+    """Options ``main`` does not take: a ``SystemExit`` naming them and the ones it takes."""
+    known = [n for n in inspect.signature(main).parameters if n not in ("quick", "self")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise SystemExit(
+            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+            f"{main.__module__} takes {', '.join(known) or 'none'}"
+        )
+
+
+def parse_bool(name: str, value: str | bool) -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off); anything else is a ``SystemExit``."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in ("true", "1", "yes", "on"):
+        return True
+    if word in ("false", "0", "no", "off"):
+        return False
+    raise SystemExit(f"{name}={value!r}: expected true or false")
+
+
+def parse_device(value: str | None) -> str:
+    """``cpu`` or ``cuda`` (None: cuda where visible); ``cuda`` without a GPU is an error."""
+    import torch
+
+    device = value or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"device={device}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("device=cuda: torch sees no CUDA device on this machine")
+    return device
+
+
 def run_main(main: Callable[..., dict[str, Any]], argv: list[str] | None = None) -> None:
     """The ``__main__`` of a benchmark: parse, run, print the JSON line last."""
     quick, options = parse_args(sys.argv[1:] if argv is None else argv)
+    check_options(main, options)
     result = main(quick=quick, **options)
     result.setdefault("load_average_1m_end", load_average())
     print(json.dumps(result), flush=True)

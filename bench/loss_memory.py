@@ -8,14 +8,15 @@ backward, on SmolLM2-sized shapes (H=576, V=49152).
 - ``jsd``: :func:`training.losses.generalized_jsd_loss` on given [1, T, V] student and teacher
   logits, unchunked vs ``chunk_size``; the logits themselves are inputs and not counted.
 
-Each measurement runs in a fresh process. Peak memory is the growth of resident memory
-(``ru_maxrss``) above what the process held once the inputs were allocated, with glibc told to
+Each measurement runs in a fresh process. Peak memory is the growth of resident memory (the
+kernel's peak mark, reset once the inputs are allocated) above what it held then, with glibc told to
 serve blocks >= 1 MiB by mmap so that freed tensors leave. Time is the median of three runs in
 another process with the default allocator. Usage::
 
     python -m bench.loss_memory [quick] [jsd_length=T]
 
-``jsd_length`` (default 2048) sets the JSD case's T: at 8192 the naive JSD needs ~13 GB.
+``jsd_length`` (default 2048; 512 in quick mode) sets the JSD case's T: at 8192 the naive JSD
+needs ~17 GB.
 
 The last line printed is one JSON object.
 """
@@ -26,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import context, in_fresh_process, peak_rss_mb, rss_mb, run_main
+from bench.common import context, in_fresh_process, reset_peak_rss, run_main, status_mb
 
 HIDDEN, VOCAB = 576, 49152
 
@@ -36,9 +37,9 @@ def _case(kind: str, chunked: bool, length: int, vocab: int, chunk_size: int) ->
     (lazy kernels, thread pools)."""
     _make_step(kind, chunked, max(length // 16, 1), vocab, max(chunk_size // 16, 1))()
     step = _make_step(kind, chunked, length, vocab, chunk_size)
-    baseline = rss_mb()
+    baseline = reset_peak_rss()  # the inputs' temporaries, the warm-up: not the step's peak
     grad = step()
-    peak = peak_rss_mb() - baseline
+    peak = status_mb("VmHWM") - baseline
     return {"peak_mb": round(peak, 1), "grad_checksum": float(grad.double().abs().sum())}
 
 
@@ -114,14 +115,14 @@ def _compare(kind: str, length: int, vocab: int, chunk_size: int) -> dict[str, A
     }
 
 
-def main(quick: bool = False, jsd_length: int | str = 2048) -> dict[str, Any]:
+def main(quick: bool = False, jsd_length: int | str | None = None) -> dict[str, Any]:
     result = context("loss_memory", quick)
     if quick:
         logprobs = _compare("logprobs", 2048, 16384, 256)
-        jsd = _compare("jsd", 512, 16384, 64)
+        jsd = _compare("jsd", int(jsd_length or 512), 16384, 64)
     else:
         logprobs = _compare("logprobs", 8192, VOCAB, 1024)
-        jsd = _compare("jsd", int(jsd_length), VOCAB, 256)
+        jsd = _compare("jsd", int(jsd_length or 2048), VOCAB, 256)
     for name, row in (("logprobs", logprobs), ("jsd", jsd)):
         print(
             f"{name:9s} T={row['T']} V={row['V']} chunk={row['chunk_size']}: "

@@ -26,13 +26,14 @@ Progress goes to stderr; the last line printed is one JSON object.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import statistics
 import time
 
 import torch
 
-from bench.common import context, log, run_main
+from bench.common import context, log, parse_bool, parse_device, run_main
 from training import models
 from training.samplers import HFSampler
 from training.samplers.decoders import HFDecoder
@@ -104,19 +105,20 @@ def _decode_step_ms(model, widths: list[int], steps: int, repeats: int) -> dict:
     """Median ms per decoding step at batch 4 with ``width`` columns cached, per decoder."""
     from transformers import DynamicCache
 
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, model.device
     lean, own = LlamaDecoder(model), HFDecoder(model)
     out: dict[str, dict[str, float]] = {}
     for width in widths:
         shape = (4, lean.kv_heads, width, lean.head_dim)
-        kv = [(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))] * len(lean.layers)
+        keys = torch.randn(shape, dtype=dtype, device=device)
+        kv = [(keys, torch.randn(shape, dtype=dtype, device=device))] * len(lean.layers)
         runs = []
         for _ in range(repeats):  # interleaved
             buffers = KVBuffers.from_cache(DynamicCache(kv))
             runs.append(
                 (
-                    _time_steps(lean, buffers, width, steps),
-                    _time_steps(own, DynamicCache(kv), width, steps),
+                    _time_steps(lean, buffers, width, steps, device),
+                    _time_steps(own, DynamicCache(kv), width, steps, device),
                 )
             )
         out[str(width)] = {
@@ -127,18 +129,26 @@ def _decode_step_ms(model, widths: list[int], steps: int, repeats: int) -> dict:
     return out
 
 
-def _time_steps(decoder, cache, width: int, steps: int) -> float:
-    """Mean ms per step of ``steps`` decoding steps of 4 rows from a cache ``width`` wide."""
-    tokens = torch.arange(4) + 100
-    attention = torch.ones((4, width), dtype=torch.long)
-    positions = torch.full((4,), width)
+def _time_steps(decoder, cache, width: int, steps: int, device: torch.device) -> float:
+    """Mean ms per step of ``steps`` decoding steps of 4 rows from a cache ``width`` wide (on a
+    GPU, finished kernels, not launches)."""
+    tokens = torch.arange(4, device=device) + 100
+    attention = torch.ones((4, width), dtype=torch.long, device=device)
+    positions = torch.full((4,), width, device=device)
+    _synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         for _ in range(steps):
             attention = torch.cat([attention, attention.new_ones(4, 1)], 1)
             decoder.step(tokens, attention, positions, cache)
             positions = positions + 1
+    _synchronize(device)
     return (time.perf_counter() - start) / steps * 1000
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _vllm(dtype: str, batches: dict[int, list[list[int]]], new_tokens: int, repeats: int):
@@ -171,12 +181,8 @@ def _vllm(dtype: str, batches: dict[int, list[list[int]]], new_tokens: int, repe
 
 
 def main(quick: bool = False, device: str | None = None, vllm: bool | str = False) -> dict:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise SystemExit(f"device={device}: expected cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("device=cuda: torch sees no CUDA device on this machine")
-    vllm = str(vllm).lower() in ("true", "1")
+    device = parse_device(device)
+    vllm = parse_bool("vllm", vllm)
     if vllm and importlib.util.find_spec("vllm") is None:
         raise SystemExit(
             "vllm=true needs vLLM, which this interpreter lacks: pip install 'apprentice[vllm]' "
@@ -193,7 +199,8 @@ def main(quick: bool = False, device: str | None = None, vllm: bool | str = Fals
         model, _ = models.load_frozen(models.EMBEDDED_MODEL, dtype=dtype, device=device)
         for batch in (1, 8):
             prompts = _prompts(tokenizer, batch)
-            _ours(model, prompts, 4)  # warm-up
+            _ours(model, prompts, 4)  # warm-up, both sides
+            _generate(model, tokenizer, prompts, 4)
             runs = [  # interleaved, so load changes on a shared machine hit both alike
                 (
                     _ours(model, prompts, new_tokens),
@@ -210,6 +217,9 @@ def main(quick: bool = False, device: str | None = None, vllm: bool | str = Fals
             widths = [128, 1024] if quick else [128, 1024, 4096, 8192]
             decode_step_ms = _decode_step_ms(model, widths, 8 if quick else 32, repeats)
         del model
+        if device == "cuda":  # vLLM sizes its cache from the memory free at its start
+            gc.collect()
+            torch.cuda.empty_cache()
         if vllm:
             batches = {batch: _prompts(tokenizer, batch) for batch in (1, 8)}
             for batch, rate in _vllm(dtype, batches, new_tokens, repeats).items():

@@ -36,7 +36,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import anyio
 import httpx
@@ -47,7 +46,9 @@ from bench.common import (
     context,
     in_fresh_process,
     log,
+    reset_peak_rss,
     run_main,
+    status_mb,
     vllm_cpu_script,
     vllm_unavailable,
 )
@@ -89,21 +90,12 @@ def _score_once(method: str, dtype: str, batch: int, length: int) -> float:
     reset after loading (``/proc/self/clear_refs``), so loading's own peak does not count."""
     model, tokenizer = models.load_frozen(models.EMBEDDED_MODEL, dtype=dtype, device="cpu")
     sequences = _sequences(tokenizer, batch, length)
-    Path("/proc/self/clear_refs").write_text("5")
-    loaded = _status_mb("VmRSS")
+    loaded = reset_peak_rss()
     if method == "naive":
         _naive(model, sequences)
     else:
         LocalTeacher(model, chunk_size=1024).score_sync([ScoreRequest(s) for s in sequences])
-    return _status_mb("VmHWM") - loaded
-
-
-def _status_mb(field: str) -> float:
-    """A ``/proc/self/status`` memory figure (kB) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+    return status_mb("VmHWM") - loaded
 
 
 def _local(sequences, quick: bool) -> dict[str, float]:
@@ -113,7 +105,8 @@ def _local(sequences, quick: bool) -> dict[str, float]:
         model, _ = models.load_frozen(models.EMBEDDED_MODEL, dtype=dtype, device="cpu")
         teacher = LocalTeacher(model, chunk_size=1024)
         requests = [ScoreRequest(s) for s in sequences]
-        teacher.score_sync(requests[:1])  # warm-up
+        teacher.score_sync(requests[:1])  # warm-up, both sides
+        _naive(model, sequences[:1])
         runs = [  # interleaved, so load changes on a shared machine hit both alike
             (
                 _timed(lambda t=teacher, r=requests: t.score_sync(r)),

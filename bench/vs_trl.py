@@ -38,6 +38,7 @@ at no more peak memory. The last line printed is one JSON object.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import statistics
 import tempfile
@@ -46,11 +47,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import context, in_fresh_process, log, peak_rss_mb, run_main
+from bench.common import (
+    context,
+    in_fresh_process,
+    log,
+    parse_bool,
+    parse_device,
+    peak_rss_mb,
+    run_main,
+)
 
 PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
 TARGET_SPEEDUP = 1.5
 SIDES = ("trl", "ours")
+LOSSES = ("sampled_reverse_kl", "jsd")
+VLLM_MEMORY = (
+    "ours_sampler=vllm: vLLM's engine reserves its share of the card (gpu_memory_utilization) "
+    "in its own process, which torch.cuda's peak in the trainer process does not see"
+)
 
 
 @dataclass(frozen=True)
@@ -114,9 +128,6 @@ def run_trl(setting: Setting) -> dict[str, Any]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     import datasets
     import torch
-    from peft import LoraConfig
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import DistillationConfig, DistillationTrainer
 
     from training import models
 
@@ -126,7 +137,17 @@ def run_trl(setting: Setting) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(setting.student)
     tokenizer.padding_side = "left"
     dataset = datasets.Dataset.from_list([{"prompt": p} for p in _prompts()])
-    workdir = tempfile.mkdtemp(prefix="bench-vs-trl-")
+    with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as workdir:
+        return _train_trl(setting, student, teacher, tokenizer, dataset, workdir)
+
+
+def _train_trl(
+    setting: Setting, student: Any, teacher: Any, tokenizer: Any, dataset: Any, workdir: str
+) -> dict[str, Any]:
+    from peft import LoraConfig
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
     args = DistillationConfig(
         output_dir=workdir,
         max_steps=setting.steps,
@@ -190,7 +211,13 @@ def run_trl(setting: Setting) -> dict[str, Any]:
 
 
 def run_ours(setting: Setting) -> dict[str, Any]:
-    """``recipes.distillation.on_policy`` for ``setting.steps`` steps (in a fresh process)."""
+    """``recipes.distillation.on_policy`` for ``setting.steps`` steps (in a fresh process). Its
+    steps include writing their rollouts (TRL writes none): counted against us."""
+    with tempfile.TemporaryDirectory(prefix="bench-vs-ours-") as log_path:
+        return _train_ours(setting, log_path)
+
+
+def _train_ours(setting: Setting, log_path: str) -> dict[str, Any]:
     import anyio
 
     from recipes.distillation.on_policy import Config, build_trainer
@@ -219,7 +246,7 @@ def run_ours(setting: Setting) -> dict[str, Any]:
         save_every=0,
         seed=setting.seed,
         progress=False,
-        log_path=tempfile.mkdtemp(prefix="bench-vs-ours-"),
+        log_path=log_path,
     )
     trainer = build_trainer(config)
     ends: list[float] = []
@@ -271,25 +298,29 @@ def main(
     device: str | None = None,
     ours_sampler: str = "hf",
 ) -> dict[str, Any]:
-    import torch
-
     from training import models
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise SystemExit(f"device={device}: expected cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("device=cuda: torch sees no CUDA device on this machine")
+    if importlib.util.find_spec("trl") is None:
+        return context("vs_trl", quick) | {
+            "skipped": "needs TRL: pip install -e '.[bench]' (the bench extra)"
+        }
+    device = parse_device(device)
     if ours_sampler not in ("hf", "vllm"):
-        raise SystemExit(f"ours_sampler={ours_sampler}: expected hf or vllm")
+        raise SystemExit(f"ours_sampler={ours_sampler!r}: expected hf or vllm")
+    if loss not in LOSSES:  # before TRL's first run, not after it
+        raise SystemExit(f"loss={loss!r}: expected one of {', '.join(LOSSES)} (TRL's reverse KL)")
 
     setting = Setting(
         student=student or models.EMBEDDED_MODEL,
         teacher=teacher or student or models.EMBEDDED_MODEL,
         steps=int(steps) if steps is not None else (3 if quick else 6),
         loss=loss,
-        trl_gradient_checkpointing=str(trl_gradient_checkpointing).lower() in ("true", "1"),
-        ours_gradient_checkpointing=str(ours_gradient_checkpointing).lower() in ("true", "1"),
+        trl_gradient_checkpointing=parse_bool(
+            "trl_gradient_checkpointing", trl_gradient_checkpointing
+        ),
+        ours_gradient_checkpointing=parse_bool(
+            "ours_gradient_checkpointing", ours_gradient_checkpointing
+        ),
         ours_microbatch_tokens=int(ours_microbatch_tokens),
         device=device,
         ours_sampler=ours_sampler,
@@ -312,15 +343,20 @@ def main(
     speedup = ours["student_tokens_per_s"] / trl["student_tokens_per_s"]
     memory_key = "peak_gpu_mb" if device == "cuda" else "peak_rss_mb"
     memory = ours[memory_key] / trl[memory_key]
+    comparable = not (device == "cuda" and ours_sampler == "vllm")
     return result | {
         "trl_version": _trl_version(),
+        # accelerate runs TRL's student under bf16 autocast: its float32 LoRA layers compute in
+        # bf16, ours in float32 (peft's default)
+        "trl_bf16_autocast": setting.dtype == "bf16",
         "trl": trl,
         "ours": ours,
         "tokens_per_s_ratio": round(speedup, 2),
-        "s_per_step_ratio": round(trl["s_per_step_median"] / ours["s_per_step_median"], 2),
-        f"{memory_key.removesuffix('_mb')}_ratio": round(memory, 2),
+        "s_per_step_speedup": round(trl["s_per_step_median"] / ours["s_per_step_median"], 2),
+        f"{memory_key.removesuffix('_mb')}_ratio": round(memory, 2) if comparable else None,
         "target": f"ours >= {TARGET_SPEEDUP}x TRL tokens/s at no more {memory_key}",
-        "target_met": speedup >= TARGET_SPEEDUP and memory <= 1.0,
+        "target_met": (speedup >= TARGET_SPEEDUP and memory <= 1.0) if comparable else None,
+        **({} if comparable else {"memory_not_comparable": VLLM_MEMORY}),
         "runs": runs,
     }
 

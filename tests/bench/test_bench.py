@@ -5,8 +5,12 @@ asserted here."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -113,9 +117,11 @@ def test_vs_trl_tiny(tiny_folders):
     pytest.importorskip("trl", reason="TRL is the bench extra: pip install -e '.[bench]'")
     from bench import vs_trl
 
+    before = set(Path(tempfile.gettempdir()).glob("bench-vs-*"))
     result = vs_trl.main(
         quick=True, steps=2, student=tiny_folders["student"], teacher=tiny_folders["teacher"]
     )
+    assert set(Path(tempfile.gettempdir()).glob("bench-vs-*")) == before  # nothing left behind
     check_context(result, "vs_trl")
     for side in ("trl", "ours"):
         numbers = result[side]
@@ -127,6 +133,40 @@ def test_vs_trl_tiny(tiny_folders):
     assert {"rollout_s_per_step", "score_s_per_step", "train_s_per_step"} <= set(result["ours"])
     assert result["tokens_per_s_ratio"] > 0 and result["peak_rss_ratio"] > 0
     assert isinstance(result["target_met"], bool)
+    assert result["trl_bf16_autocast"] is True  # bf16: TRL's LoRA layers compute in bf16
+
+
+def test_vs_trl_refuses_bad_options_before_running_anything(tiny_folders):
+    pytest.importorskip("trl", reason="TRL is the bench extra: pip install -e '.[bench]'")
+    from bench import vs_trl
+
+    with pytest.raises(SystemExit, match=r"loss='sft': expected one of sampled_reverse_kl, jsd"):
+        vs_trl.main(quick=True, loss="sft", student=tiny_folders["student"])
+    with pytest.raises(SystemExit, match=r"ours_gradient_checkpointing='maybe': expected true"):
+        vs_trl.main(quick=True, ours_gradient_checkpointing="maybe")
+    with pytest.raises(SystemExit, match=r"unknown option setps: bench.vs_trl takes steps, "):
+        common.run_main(vs_trl.main, ["quick", "setps=3"])
+    assert common.parse_bool("x", "yes") is True and common.parse_bool("x", "off") is False
+
+
+def _dies() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _starts_a_process() -> int:
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+def test_a_fresh_process_may_start_its_own_and_its_death_is_an_error():
+    """vLLM's engine starts a process of its own; an OOM-killed worker must not hang the run."""
+    assert common.in_fresh_process(_starts_a_process) == 0
+    with pytest.raises(RuntimeError, match=r"test_bench._dies: its process died before it"):
+        common.in_fresh_process(_dies)
 
 
 def test_runner_prints_one_line_per_benchmark_and_exit_status():
