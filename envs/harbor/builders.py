@@ -35,7 +35,7 @@ from envs.harbor.grader import HarborGrader
 from envs.harbor.tasks import BUNDLED, HarborTask, bundled_split, load_tasks, split_tasks
 from envs.harbor.teacher_view import DEFAULT_TEMPLATE, TeacherView
 from sandboxes.errors import SandboxBuildError, SandboxError
-from sandboxes.factory import check_backend_name, make_factory, spec_from_harbor_config
+from sandboxes.factory import check_backend_name, make_factory
 from sandboxes.types import Sandbox, SandboxFactory
 from tool_use.agent_env import AgentToolMessageEnv, ParseErrorPolicy, zero_reward
 from tool_use.errors import EnvironmentFailure
@@ -169,9 +169,7 @@ class HarborEnvGroupBuilder:
     # ---- internals ------------------------------------------------------------------------
 
     async def _create_into(self, slots: list[Sandbox | None], index: int) -> None:
-        spec = spec_from_harbor_config(
-            self.task.name, self.task.environment_dir, self.task.config.environment
-        )
+        spec = self.task.sandbox_spec
         for attempt in range(self.config.sandbox_retries + 1):
             try:
                 sandbox = await self.factory.create(spec)

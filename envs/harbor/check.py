@@ -23,7 +23,6 @@ from harbor.utils.env import resolve_env_vars
 from envs.harbor.grader import HarborGrader
 from envs.harbor.tasks import HarborTask
 from sandboxes.errors import SandboxError
-from sandboxes.factory import spec_from_harbor_config
 from sandboxes.types import Sandbox, SandboxFactory
 from tool_use.errors import EnvironmentFailure
 
@@ -123,8 +122,7 @@ async def check_task(
     notes: list[str] = []
     sandbox: Sandbox | None = None
     try:
-        spec = spec_from_harbor_config(task.name, task.environment_dir, task.config.environment)
-        sandbox = await factory.create(spec)
+        sandbox = await factory.create(task.sandbox_spec)
         await grader.record_baseline(sandbox)
         if agent is CheckAgent.ORACLE:
             note = await run_oracle(task, sandbox)

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from envs.errors import TaskLoadError, TaskSplitError
 from sandboxes.errors import SandboxError
 from sandboxes.factory import spec_from_harbor_config
+from sandboxes.types import SandboxSpec
 
 SUITE_DIR = Path(__file__).parent / "suite"
 """The bundled task suite (ships with the package)."""
@@ -94,6 +95,13 @@ class HarborTask:
         """The text of ``solution/solve.sh`` (for the privileged teacher view)."""
         script = self.solve_script
         return script.read_text(errors="replace") if script is not None else None
+
+    @cached_property
+    def sandbox_spec(self) -> SandboxSpec:
+        """The sandbox ``[environment]`` asks for, worked out once (the Dockerfile's WORKDIR,
+        the host's ``${VAR}`` values): the load-time check, every episode and ``check`` share
+        it. ``SandboxError`` for what no backend here gives (GPUs, an allowlist)."""
+        return spec_from_harbor_config(self.name, self.environment_dir, self.config.environment)
 
     @property
     def agent_timeout_s(self) -> float | None:
@@ -316,13 +324,14 @@ def _task_problem(path: Path) -> HarborTask | str:
             "no environment: expected environment/Dockerfile, environment/docker-compose.yaml "
             "or [environment].docker_image in task.toml"
         )
+    loaded = HarborTask(task)
     try:  # what no sandbox here can give (GPUs, a network allowlist): now, not hours in
-        spec_from_harbor_config(task.name, env_dir, config.environment)
+        _ = loaded.sandbox_spec
     except SandboxError as exc:
         return str(exc).removeprefix(f"task {task.name!r}").lstrip(": ")
     except ValueError as exc:  # ${VAR} with no default and no such host variable
         return f"[environment].env: {_one_line(exc)}"
-    return HarborTask(task)
+    return loaded
 
 
 def _missing_file_problem(path: Path, exc: FileNotFoundError) -> str:
